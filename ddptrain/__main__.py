@@ -1,0 +1,57 @@
+"""Entry point: ``torchrun --nproc_per_node=N -m ddptrain [--config F] [--a.b V ...]``.
+
+Sets up logging, parses the config, initialises the process group, runs the trainer and
+always tears the process group down. Exit status: see :class:`ddptrain.trainer.ExitCode`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ddptrain import dist
+
+log = logging.getLogger("ddptrain")
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    package_logger = logging.getLogger("ddptrain")
+    package_logger.addHandler(handler)
+    package_logger.setLevel(level)
+    package_logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = dist.launched_rank()
+    setup_logging(rank)
+    from ddptrain.checkpoint import CheckpointError
+    from ddptrain.config import ConfigError, parse_config, validate_for_world
+    from ddptrain.data import DataError
+    from ddptrain.model import ModelError
+    from ddptrain.storage import StorageError
+    from ddptrain.trainer import ExitCode, Trainer
+
+    cfg = parse_config(argv)  # argument errors exit with status 2 and the usage text
+    user_errors = (ConfigError, DataError, ModelError, StorageError, CheckpointError)
+    trainer = None
+    try:
+        info = dist.init_distributed(cfg.train.device)
+        validate_for_world(cfg, info.world_size)
+        trainer = Trainer(cfg, info)
+        return int(trainer.run())
+    except user_errors as exc:
+        if rank == 0 or not isinstance(exc, (ConfigError, DataError, ModelError)):
+            log.error("%s", exc)
+        return int(ExitCode.BAD_INPUT)
+    finally:
+        if trainer is not None:
+            trainer.close()
+        dist.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Typed configuration: one dataclass per component, a YAML file plus ``--a.b`` overrides.
+
+Parsing is done by jsonargparse, which rejects unknown or mistyped keys (on the command
+line and in config files) and checks types and choices. Cross-field rules that types
+cannot express are checked by :func:`validate`, which reports every problem at once and
+names the dotted key of each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+#: Substrings of ``ckpt.storage_options`` keys whose values are never written or logged.
+SECRET_KEY_MARKERS = ("secret", "password", "token", "key", "credential", "session")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message names each offending key and the fix."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/digits"
+    """Run directory (local path) for the resolved config, metrics.jsonl, events.jsonl and
+    TensorBoard files."""
+    seed: int = 0
+    """Seed for model init, data order, augmentation and dropout."""
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["auto", "digits", "imagefolder", "cifar10"] = "auto"
+    """Which dataset. auto: the embedded digits when data.root is unset, CIFAR-10 when
+    data.root holds cifar-10-batches-py, else an ImageFolder tree."""
+    root: Optional[str] = None
+    """ImageFolder root (with train/ and val/ subfolders, or one tree that is split by
+    data.val_fraction) or the folder holding a local CIFAR-10 copy. Never downloaded."""
+    val_fraction: float = 0.2
+    """Share of samples held out for validation when the data has no separate val split."""
+    split_seed: int = 0
+    """Seed of the fixed train/validation split (independent of run.seed)."""
+    image_size: Optional[int] = None
+    """Side length images are resized to. Default: native for digits (8) and CIFAR-10
+    (32), 64 for ImageFolder."""
+    augment: bool = True
+    """Random crop with padding (seeded per seed, epoch and sample index)."""
+    hflip: bool = False
+    """Also random horizontal flips (off by default: wrong for digits)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank. Batches are identical for any value."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    """'cnn' (built-in small CNN with BatchNorm) or any torchvision classification model
+    name such as resnet18 or resnet50. num_classes comes from the data."""
+    channels_last: bool = False
+    """Use the channels_last memory format (faster convolutions on CUDA)."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    """Optimizer."""
+    lr: float = 0.1
+    """Peak learning rate (reached after sched.warmup_steps)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = True
+    """SGD Nesterov momentum."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 5e-4
+    """Weight decay (decoupled for AdamW)."""
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = 20
+    """Optimizer steps of linear warmup from 0 to optim.lr."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule as a share of optim.lr."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    """Number of passes over the training split."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (the LR schedule still spans all epochs)."""
+    global_batch_size: int = 64
+    """Samples per optimizer step summed over all ranks and accumulation steps; must be
+    divisible by world size x train.grad_accum_steps."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    grad_clip_norm: Optional[float] = None
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision. bf16 on CPU and CUDA; fp16 (with GradScaler) on CUDA only."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA (device from LOCAL_RANK, NCCL) when available, else CPU with gloo."""
+    eval_every_epochs: int = 1
+    """Evaluate on the validation split every N epochs and after the last step."""
+
+
+@dataclass
+class CkptConfig:
+    dir: Optional[str] = None
+    """Checkpoint location: a local path or an fsspec URL (s3://bucket/prefix, ...).
+    Default: <run.dir>/checkpoints. Runs resume from the newest complete checkpoint here."""
+    every_steps: int = 50
+    """Save every N optimizer steps (0: off)."""
+    at_epoch_end: bool = True
+    """Also save at the end of every epoch."""
+    keep_last: int = 3
+    """Keep this many newest complete checkpoints (>= 1)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for the checkpoint location (for s3: endpoint_url, profile, region,
+    key, secret, ...). Secrets are never logged or written to the run directory."""
+    thread_count: int = 1
+    """DCP writer threads per rank."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    """Print a step line (and a metrics.jsonl row) every N optimizer steps."""
+    progress_bar: Literal["auto", "on", "off"] = "auto"
+    """tqdm progress bar on rank 0. auto: only when stderr is a terminal."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <run.dir>/tensorboard."""
+    sample_ids: bool = False
+    """Write the sample indices of every step to <run.dir>/samples-rank<R>.jsonl."""
+
+
+@dataclass
+class Config:
+    """ddptrain: distributed, fault-tolerant image-classifier training."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def ckpt_dir(self) -> str:
+        """The checkpoint location as a string (never a Path: it may be a URL)."""
+        return self.ckpt.dir or os.path.join(self.run.dir, "checkpoints")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="ddptrain",
+        description=(
+            "Train an image classifier with DDP. Launch with torchrun (or plain python for "
+            "one process). Every start resumes from the newest complete checkpoint in "
+            "ckpt.dir. Options are --section.key VALUE; --config FILE.yaml sets many."
+        ),
+        default_env=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file.")
+    parser.add_class_arguments(Config, None, as_group=True)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parse the command line (and any --config file) into a validated :class:`Config`."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    namespace.pop("config", None)
+    cfg = parser.instantiate(namespace)
+    config = cfg if isinstance(cfg, Config) else _config_from_namespace(cfg)
+    validate(config)
+    return config
+
+
+def _config_from_namespace(namespace: Any) -> Config:
+    sections = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(Config)}
+    return Config(**sections)
+
+
+def validate(cfg: Config) -> None:
+    """Check rules that types cannot express; raise one ConfigError listing all problems."""
+    problems = []
+
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            problems.append(f"{key}={value!r}: {allowed}")
+
+    need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", cfg.data.val_fraction,
+         "must be between 0 and 1")
+    need(cfg.data.image_size is None or cfg.data.image_size >= 4, "data.image_size",
+         cfg.data.image_size, "must be >= 4 or unset")
+    need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
+    need(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay,
+         "must be >= 0")
+    need(cfg.sched.warmup_steps >= 0, "sched.warmup_steps", cfg.sched.warmup_steps,
+         "must be >= 0")
+    need(0.0 <= cfg.sched.min_lr_ratio <= 1.0, "sched.min_lr_ratio", cfg.sched.min_lr_ratio,
+         "must be between 0 and 1")
+    need(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, "must be >= 1")
+    need(cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps",
+         cfg.train.max_steps, "must be >= 1 or unset")
+    need(cfg.train.global_batch_size >= 1, "train.global_batch_size",
+         cfg.train.global_batch_size, "must be >= 1")
+    need(cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps",
+         cfg.train.grad_accum_steps, "must be >= 1")
+    need(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing",
+         cfg.train.label_smoothing, "must be in [0, 1)")
+    need(cfg.train.grad_clip_norm is None or cfg.train.grad_clip_norm > 0,
+         "train.grad_clip_norm", cfg.train.grad_clip_norm, "must be > 0 or unset")
+    need(cfg.train.eval_every_epochs >= 1, "train.eval_every_epochs",
+         cfg.train.eval_every_epochs, "must be >= 1")
+    need(cfg.ckpt.every_steps >= 0, "ckpt.every_steps", cfg.ckpt.every_steps,
+         "must be >= 0 (0 turns interval saves off)")
+    need(cfg.ckpt.keep_last >= 1, "ckpt.keep_last", cfg.ckpt.keep_last,
+         "must be >= 1 (the newest complete checkpoint is always kept)")
+    need(cfg.ckpt.thread_count >= 1, "ckpt.thread_count", cfg.ckpt.thread_count,
+         "must be >= 1")
+    need(cfg.log.every_steps >= 1, "log.every_steps", cfg.log.every_steps, "must be >= 1")
+    need(cfg.data.dataset in ("auto", "digits") or cfg.data.root is not None, "data.root",
+         cfg.data.root, f"must be set for data.dataset={cfg.data.dataset}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def validate_for_world(cfg: Config, world_size: int) -> None:
+    """Rules that depend on the launch (world size); raises ConfigError naming the keys."""
+    per_step = world_size * cfg.train.grad_accum_steps
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+            f"world size ({world_size}) x train.grad_accum_steps "
+            f"({cfg.train.grad_accum_steps}) = {per_step}; choose a multiple of {per_step}"
+        )
+
+
+def redact(options: dict[str, Any]) -> dict[str, Any]:
+    """Copy of storage options with secret-looking values replaced (recursively)."""
+    clean: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            clean[key] = redact(value)
+        elif any(marker in key.lower() for marker in SECRET_KEY_MARKERS):
+            clean[key] = "***"
+        else:
+            clean[key] = value
+    return clean
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain dict of the resolved config with secrets redacted (safe to write or log)."""
+    data = dataclasses.asdict(cfg)
+    data["ckpt"]["storage_options"] = redact(data["ckpt"]["storage_options"])
+    data["ckpt"]["dir"] = cfg.ckpt_dir
+    return data

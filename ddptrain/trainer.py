@@ -1,0 +1,366 @@
+"""The training loop: resume -> for each step {batch, step, log, eval, save, stop?} -> final.
+
+Exactness: the data order, augmentation and LR are functions of the step; everything else
+that evolves (weights, optimizer, scheduler, scaler, RNGs) is in the checkpoint. So a run
+killed anywhere and restarted reproduces an uninterrupted run bit for bit (same world
+size, CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from enum import IntEnum
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel
+
+from ddptrain import dist, rng
+from ddptrain.checkpoint import CheckpointError, CheckpointManager, Manifest
+from ddptrain.config import Config, config_to_dict
+from ddptrain.data import (ResumableSampler, ShardSampler, build_datasets, make_loader,
+                           resolve_kind)
+from ddptrain.metrics import RunLogger, SampleRecorder
+from ddptrain.model import build_model, input_channels
+from ddptrain.optim import build_optimizer, build_scheduler
+from ddptrain.preemption import StopRequest
+from ddptrain.storage import Storage
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+
+
+class ExitCode(IntEnum):
+    """Process exit status, for scripts (see README)."""
+
+    FINISHED = 0
+    FAILED = 1
+    BAD_INPUT = 2
+    PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a complete checkpoint; rerun
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: dist.DistInfo):
+        self.cfg = cfg
+        self.info = info
+        self.device = info.device
+        self.step = 0
+        self.evaluated_step = -1
+        self.saved_step = -1
+
+        self._build_data()
+        self._build_model()
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.optimizer = build_optimizer(cfg.optim, self.module)
+        self.scheduler = build_scheduler(cfg.sched, self.optimizer,
+                                         cfg.train.epochs * self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=cfg.train.precision == "fp16")
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+
+        self.storage = Storage(cfg.ckpt_dir, cfg.ckpt.storage_options)
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        self.logger = RunLogger(cfg.run.dir, info.is_main, self.total_steps,
+                                cfg.log.progress_bar, cfg.log.tensorboard)
+        self.samples = SampleRecorder(cfg.run.dir, info.rank, cfg.log.sample_ids)
+        self.ckpt = CheckpointManager(self.storage, info, self.run_identity(),
+                                      cfg.ckpt.keep_last, self.logger.event,
+                                      cfg.ckpt.thread_count)
+        self.stop = StopRequest()
+
+    # -- construction ----------------------------------------------------------------------
+    def _build_data(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.data = build_datasets(cfg.data, cfg.run.seed, input_channels(cfg.model.name))
+        global_batch = cfg.train.global_batch_size
+        self.steps_per_epoch = len(self.data.train) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"train.global_batch_size={global_batch} is larger than the "
+                             f"training split ({len(self.data.train)} samples); lower it")
+        self.micro_batch = global_batch // (info.world_size * cfg.train.grad_accum_steps)
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        module = build_model(cfg.model.name, self.data.num_classes, self.data.channels)
+        module = module.to(self.device)
+        if cfg.model.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module = module
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(module, device_ids=device_ids)
+        # Per-rank streams for dropout etc.; saved and restored with every checkpoint.
+        rng.seed_all(cfg.run.seed * 1000 + 1 + self.info.rank)
+
+    def run_identity(self) -> dict[str, Any]:
+        """Config parts that define the model and the data order; resume requires equality."""
+        cfg = self.cfg
+        root = os.path.abspath(cfg.data.root) if cfg.data.root else None
+        return {"model.name": cfg.model.name, "data.dataset": resolve_kind(cfg.data),
+                "data.root": root, "data.val_fraction": cfg.data.val_fraction,
+                "data.split_seed": cfg.data.split_seed, "data.image_size":
+                self.data.image_size, "num_classes": self.data.num_classes,
+                "run.seed": cfg.run.seed,
+                "train.global_batch_size": cfg.train.global_batch_size}
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> ExitCode:
+        self._prepare_run()
+        self.resume()
+        self.logger.start_at(self.step)
+        while self.step < self.total_steps:
+            for micro_batches, data_wait in self._epoch_batches():
+                self.train_step(micro_batches, data_wait)
+                epoch_end = self.step % self.steps_per_epoch == 0
+                if epoch_end and ((self.epoch_of(self.step) + 1)
+                                  % self.cfg.train.eval_every_epochs == 0
+                                  or self.step >= self.total_steps):
+                    self.evaluate()
+                self.maybe_save(epoch_end)
+                if self.stop.agreed():
+                    return self.stop_for_preemption()
+                if self.step >= self.total_steps:
+                    break
+        return self.finish()
+
+    def _prepare_run(self) -> None:
+        if self.info.is_main:
+            self.storage.probe()
+            with open(os.path.join(self.cfg.run.dir, "config.yaml"), "w") as f:
+                import yaml
+                yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
+        dist.barrier()
+        self.logger.event("run_started", world_size=self.info.world_size,
+                          device=str(self.device), data=self.data.description,
+                          model=self.cfg.model.name, total_steps=self.total_steps,
+                          checkpoints=self.storage.describe(),
+                          slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+                          slurm_restart_count=os.environ.get("SLURM_RESTART_COUNT"),
+                          torchrun_restart_count=os.environ.get("TORCHELASTIC_RESTART_COUNT"))
+
+    def finish(self) -> ExitCode:
+        if self.evaluated_step != self.step:
+            self.evaluate()
+        self.save("final")
+        self.logger.event("training_complete", step=self.step)
+        self._write_status("finished")
+        return ExitCode.FINISHED
+
+    def stop_for_preemption(self) -> ExitCode:
+        if self.saved_step != self.step:
+            self.save("preempt")
+        waited = self.stop.seconds_since_request()
+        self.logger.event("preempted", step=self.step, reason=self.stop.reason or "peer rank",
+                          seconds_signal_to_commit=None if waited is None else round(waited, 3))
+        self._write_status("preempted")
+        return ExitCode.PREEMPTED
+
+    def _write_status(self, state: str) -> None:
+        if self.info.is_main:
+            with open(os.path.join(self.cfg.run.dir, STATUS_FILE), "w") as f:
+                json.dump({"state": state, "step": self.step, "total_steps": self.total_steps,
+                           "exit_code": int(ExitCode.FINISHED if state == "finished"
+                                            else ExitCode.PREEMPTED)}, f)
+
+    def close(self) -> None:
+        self.stop.restore()
+        self.samples.close()
+        self.logger.close()
+
+    # -- data ------------------------------------------------------------------------------
+    def epoch_of(self, step: int) -> int:
+        return (step - 1) // self.steps_per_epoch if step else 0
+
+    def _epoch_batches(self) -> Iterator[tuple[list, float]]:
+        """Groups of grad_accum micro-batches for the rest of the current epoch, with the
+        seconds spent waiting for each group."""
+        epoch = self.step // self.steps_per_epoch
+        start = (self.step - epoch * self.steps_per_epoch) * self.cfg.train.global_batch_size
+        sampler = ResumableSampler(len(self.data.train), self.cfg.train.global_batch_size,
+                                   self.info.rank, self.info.world_size, self.cfg.run.seed,
+                                   epoch, start)
+        loader = make_loader(self.data.train, sampler, self.micro_batch,
+                             self.cfg.data.num_workers, self.device.type == "cuda")
+        batches = iter(loader)
+        while True:
+            waited_from = time.perf_counter()
+            group = [batch for _, batch in zip(range(self.cfg.train.grad_accum_steps),
+                                               batches)]
+            if len(group) < self.cfg.train.grad_accum_steps:
+                return
+            yield group, time.perf_counter() - waited_from
+
+    # -- one optimizer step -----------------------------------------------------------------
+    def train_step(self, micro_batches: list, data_wait: float) -> None:
+        started = time.perf_counter()
+        self.ddp.train()
+        lr = self.scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (images, labels, indices) in enumerate(micro_batches):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            if self.cfg.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            last = i == len(micro_batches) - 1
+            with (nullcontext() if last else self.ddp.no_sync()), self._autocast():
+                loss = self.criterion(self.ddp(images), labels)
+            self.scaler.scale(loss / len(micro_batches)).backward()
+            loss_sum += loss.detach().float()
+        self._optimizer_step()
+        self.step += 1
+
+        indices = torch.cat([batch[2] for batch in micro_batches]).tolist()
+        self.samples.record(self.step, self.epoch_of(self.step), indices)
+        self.logger.advance()
+        self._track_throughput(data_wait, time.perf_counter() - started)
+        if self.step % self.cfg.log.every_steps == 0 or self.step == self.total_steps:
+            self._log_step(loss_sum.item() / len(micro_batches), lr)
+
+    def _autocast(self):
+        precision = self.cfg.train.precision
+        if precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.train.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _track_throughput(self, data_wait: float, compute: float) -> None:
+        window = getattr(self, "_window", None) or {"wait": 0.0, "busy": 0.0, "steps": 0}
+        window["wait"] += data_wait
+        window["busy"] += data_wait + compute
+        window["steps"] += 1
+        self._window = window
+
+    def _log_step(self, local_loss: float, lr: float) -> None:
+        window = self._window
+        loss = dist.mean_over_ranks([local_loss])[0]
+        images = window["steps"] * self.cfg.train.global_batch_size
+        self.logger.train_step(step=self.step, epoch=self.epoch_of(self.step), loss=loss,
+                               lr=lr, images_per_s=images / max(window["busy"], 1e-9),
+                               data_wait=window["wait"] / max(window["busy"], 1e-9))
+        self._window = None
+
+    # -- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Loss, top-1 and top-5 over the validation split; each sample counted once."""
+        self.sync_buffers()
+        self.module.eval()
+        sampler = ShardSampler(len(self.data.val), self.info.rank, self.info.world_size)
+        loader = make_loader(self.data.val, sampler, max(self.micro_batch, 64),
+                             self.cfg.data.num_workers, self.device.type == "cuda")
+        k = min(5, self.data.num_classes)
+        totals = torch.zeros(4, dtype=torch.float64)
+        for images, labels, _ in loader:
+            images, labels = images.to(self.device), labels.to(self.device)
+            with self._autocast():
+                logits = self.module(images).float()
+            top = logits.topk(k, dim=1).indices
+            totals += torch.tensor([
+                nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
+                (top[:, 0] == labels).sum().item(),
+                (top == labels[:, None]).any(dim=1).sum().item(), len(labels)],
+                dtype=torch.float64)
+        loss, top1, top5, count = dist.sum_over_ranks(totals.tolist())
+        self.module.train()
+        self.evaluated_step = self.step
+        self.logger.eval_result(step=self.step, epoch=self.epoch_of(self.step),
+                                loss=loss / count, top1=top1 / count, top5=top5 / count,
+                                samples=int(count))
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics), as DDP's next forward
+        would, so what DCP writes once under a shared key is the same on all ranks."""
+        if self.info.world_size > 1:
+            for buffer in self.module.buffers():
+                torch_dist.broadcast(buffer, src=0)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def maybe_save(self, epoch_end: bool) -> None:
+        every = self.cfg.ckpt.every_steps
+        if self.step >= self.total_steps:
+            return  # finish() writes the final checkpoint
+        if epoch_end and self.cfg.ckpt.at_epoch_end:
+            self.save("epoch")
+        elif every and self.step % every == 0:
+            self.save("interval")
+
+    def save(self, reason: str) -> None:
+        self.sync_buffers()
+        try:
+            self.ckpt.save(self.state_dict(), step=self.step,
+                           epoch=self.step // self.steps_per_epoch,
+                           samples_seen=self.step * self.cfg.train.global_batch_size,
+                           global_batch_size=self.cfg.train.global_batch_size, reason=reason)
+        except CheckpointError as exc:
+            if reason in ("final", "preempt"):
+                raise
+            # TODO: make this configurable (keep going / stop) together with the S3 work.
+            self.logger.event("checkpoint_failed", level=logging.ERROR, step=self.step,
+                              reason=reason, message=str(exc))
+            return
+        self.saved_step = self.step
+
+    def state_dict(self, include_rng: bool = True) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optim": optim_state,
+                 "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(),
+                 "progress": {"step": self.step,
+                              "samples_seen": self.step * self.cfg.train.global_batch_size}}
+        if include_rng:
+            state[f"rng/rank{self.info.rank}"] = rng.capture(self.device)
+        return state
+
+    def resume(self) -> None:
+        found = self.ckpt.load_latest(self._state_to_load)
+        if found is None:
+            self.logger.event("fresh_start", checkpoints=self.storage.describe())
+            return
+        manifest, state = found
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        rng_key = f"rng/rank{self.info.rank}"
+        if rng_key in state:
+            rng.restore(state[rng_key], self.device)
+        self.step = int(state["progress"]["step"])
+        if self.step != manifest.step:
+            raise CheckpointError(f"checkpoint step-{manifest.step:08d} holds progress step "
+                                  f"{self.step}; it is inconsistent, move it away")
+        self.saved_step = self.step
+        # Epoch-end evaluations run before that step's save; a mid-epoch stop still owes
+        # the final evaluation if it is the last step.
+        if self.step % self.steps_per_epoch == 0:
+            self.evaluated_step = self.step
+        self.logger.event("resumed", step=self.step, samples_seen=manifest.samples_seen,
+                          reason=manifest.reason, saved_world_size=manifest.world_size)
+
+    def _state_to_load(self, manifest: Manifest) -> dict[str, Any]:
+        same_world = manifest.world_size == self.info.world_size
+        if not same_world:
+            self.logger.event("rng_not_restored", level=logging.WARNING,
+                              message=f"checkpoint was written by {manifest.world_size} "
+                                      f"ranks, this run has {self.info.world_size}: data "
+                                      "order is exact, dropout randomness restarts")
+        return self.state_dict(include_rng=same_world)
