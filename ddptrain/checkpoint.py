@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ddptrain import __version__, dist
 from ddptrain.storage import Storage
@@ -165,7 +166,7 @@ class CheckpointManager:
         error = None
         try:
             dcp.save(state, storage_writer=self.storage.dcp_writer(name, self.thread_count))
-        except Exception as exc:  # agreed on below; reported with the location
+        except (Exception, CheckpointException) as exc:  # agreed on below; reported
             error = exc
         if dist.any_rank(error is not None):
             raise CheckpointError(f"saving {self.storage.describe(name)} failed: "
@@ -249,7 +250,8 @@ class CheckpointManager:
             error = None
             try:
                 dcp.load(state, storage_reader=self.storage.dcp_reader(name))
-            except Exception as exc:  # agreed on below; logged and the next one is tried
+            # DCP's CheckpointException is a BaseException; it carries every rank's error.
+            except (Exception, CheckpointException) as exc:  # agreed on below; logged
                 error = exc
             if not dist.any_rank(error is not None):
                 return manifest, state

@@ -108,7 +108,8 @@ class TrainConfig:
     grad_clip_norm: Optional[float] = None
     """Clip the global gradient norm to this value (None: no clipping)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision. bf16 on CPU and CUDA; fp16 (with GradScaler) on CUDA only."""
+    """Autocast precision: bf16, or fp16 with a GradScaler (meant for CUDA; it also runs,
+    slowly, on CPU)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA (device from LOCAL_RANK, NCCL) when available, else CPU with gloo."""
     eval_every_epochs: int = 1
