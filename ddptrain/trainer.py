@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddptrain import dist, rng
 from ddptrain.checkpoint import CheckpointError, CheckpointManager, Manifest
-from ddptrain.config import Config, config_to_dict
+from ddptrain.config import Config, ConfigError, config_to_dict
 from ddptrain.data import (ResumableSampler, ShardSampler, build_datasets, make_loader,
                            resolve_kind)
 from ddptrain.metrics import RunLogger, SampleRecorder
@@ -85,7 +85,7 @@ class Trainer:
         global_batch = cfg.train.global_batch_size
         self.steps_per_epoch = len(self.data.train) // global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"train.global_batch_size={global_batch} is larger than the "
+            raise ConfigError(f"train.global_batch_size={global_batch} is larger than the "
                              f"training split ({len(self.data.train)} samples); lower it")
         self.micro_batch = global_batch // (info.world_size * cfg.train.grad_accum_steps)
 

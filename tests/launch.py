@@ -139,3 +139,37 @@ def step_dirs(ckpt_dir: str) -> list[str]:
 def complete_steps(ckpt_dir: str) -> list[int]:
     return [int(n.split("-")[1]) for n in step_dirs(ckpt_dir)
             if os.path.exists(os.path.join(ckpt_dir, n, "manifest.json"))]
+
+
+def make_digit_imagefolder(root: str, per_class: int = 30, size: int = 16,
+                           with_splits: bool = False) -> str:
+    """An ImageFolder tree of real PNG files made from scikit-learn's digits."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts: dict[int, int] = {}
+    for image, label in zip(digits.images, digits.target):
+        label = int(label)
+        if counts.get(label, 0) >= per_class:
+            continue
+        index = counts[label] = counts.get(label, 0) + 1
+        split = ("val" if index % 5 == 0 else "train") if with_splits else ""
+        folder = os.path.join(root, split, f"digit{label}")
+        os.makedirs(folder, exist_ok=True)
+        pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").resize((size, size)).save(
+            os.path.join(folder, f"{index:04d}.png"))
+    return root
+
+
+def tree_fingerprint(root: str) -> dict[str, bytes]:
+    """Path -> content of every file below ``root`` (to prove nothing was changed)."""
+    found = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, root)] = f.read()
+    return found

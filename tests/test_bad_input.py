@@ -1,0 +1,91 @@
+"""Bad input: one clear error naming the problem and the fix; nothing saved is lost."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.launch import make_digit_imagefolder, train, tree_fingerprint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> str:
+    """A one-process run with one complete checkpoint (step 5)."""
+    run_dir = str(tmp_path_factory.mktemp("saved") / "run")
+    train(run_dir, "--train.max_steps", "5", "--ckpt.every_steps", "5", nproc=0)
+    assert os.path.exists(os.path.join(run_dir, "checkpoints", "step-00000005",
+                                       "manifest.json"))
+    return run_dir
+
+
+def fails_cleanly(run_dir: str, *args: str, nproc: int = 0) -> str:
+    """Run, expect exit status 2 and no traceback; returns stderr."""
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    before = tree_fingerprint(checkpoints)
+    proc = train(run_dir, *args, nproc=nproc, check=False)
+    assert proc.returncode != 0
+    if nproc == 0:
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert tree_fingerprint(checkpoints) == before
+    return proc.stderr
+
+
+def test_missing_data_path(saved_run):
+    err = fails_cleanly(saved_run, "--data.root", "/no/such/data")
+    assert "data.root='/no/such/data' does not exist" in err
+
+
+def test_class_folder_without_images(saved_run, tmp_path):
+    root = make_digit_imagefolder(str(tmp_path / "images"), per_class=3)
+    os.makedirs(os.path.join(root, "digit_empty"))
+    err = fails_cleanly(saved_run, "--data.root", root)
+    assert "class folder(s) with no images" in err and "digit_empty" in err
+
+
+def test_corrupt_image_is_named(tmp_path):
+    root = make_digit_imagefolder(str(tmp_path / "images"), per_class=5)
+    bad = os.path.join(root, "digit3", "0002.png")
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG this is not an image")
+    err = fails_cleanly(str(tmp_path / "run"), "--data.root", root,
+                        "--train.global_batch_size", "32")
+    assert f"cannot read image file '{bad}'" in err
+
+
+def test_unknown_model_lists_the_choices(saved_run):
+    err = fails_cleanly(saved_run, "--model.name", "resnet9000")
+    assert "model.name='resnet9000' is not a known model" in err
+    assert "resnet18" in err and "cnn" in err
+
+
+def test_unknown_config_key(saved_run):
+    err = fails_cleanly(saved_run, "--ckpt.keep_lats", "2")
+    assert "--ckpt.keep_lats" in err
+
+
+def test_checkpoint_location_not_usable(saved_run, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    err = fails_cleanly(saved_run, "--ckpt.dir", str(blocker / "ckpts"))
+    assert f"ckpt.dir='{blocker}/ckpts'" in err and "not usable" in err
+
+
+def test_checkpoint_of_another_architecture_is_refused(saved_run):
+    err = fails_cleanly(saved_run, "--model.name", "resnet18")
+    assert "belongs to a different run" in err
+    assert "model.name: checkpoint has 'cnn', this run has 'resnet18'" in err
+    assert "--ckpt.dir" in err
+
+
+def test_global_batch_not_divisible_by_world_size(saved_run):
+    err = fails_cleanly(saved_run, "--train.global_batch_size", "63", nproc=2)
+    assert "train.global_batch_size=63 is not divisible by world size (2)" in err
+
+
+def test_global_batch_larger_than_the_data(saved_run):
+    err = fails_cleanly(saved_run, "--train.global_batch_size", "4096")
+    assert "train.global_batch_size=4096 is larger than the training split" in err
