@@ -89,3 +89,10 @@ def test_global_batch_not_divisible_by_world_size(saved_run):
 def test_global_batch_larger_than_the_data(saved_run):
     err = fails_cleanly(saved_run, "--train.global_batch_size", "4096")
     assert "train.global_batch_size=4096 is larger than the training split" in err
+
+
+def test_cifar10_without_a_local_copy_is_not_downloaded(saved_run, tmp_path):
+    err = fails_cleanly(saved_run, "--data.dataset", "cifar10", "--data.root",
+                        str(tmp_path))
+    assert "no usable CIFAR-10 copy" in err and "never attempted" in err
+    assert not os.listdir(tmp_path)

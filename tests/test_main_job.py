@@ -67,7 +67,10 @@ def test_single_tree_imagefolder_is_split_by_the_seeded_fraction(tmp_path):
 def test_torchvision_model_by_name_trains(tmp_path):
     run_dir = str(tmp_path / "resnet")
     train(run_dir, "--model.name", "resnet18", "--train.max_steps", "2",
-          "--train.global_batch_size", "16", "--ckpt.every_steps", "0", nproc=0)
+          "--train.global_batch_size", "16", "--ckpt.every_steps", "0",
+          "--log.tensorboard", "true", nproc=0)
+    assert any(n.startswith("events.out.tfevents")
+               for n in os.listdir(os.path.join(run_dir, "tensorboard")))
     state = load_flat(os.path.join(run_dir, "checkpoints", "step-00000002"))
     assert "model.layer4.1.bn2.running_var" in state
     assert state["model.fc.weight"].shape == (10, 512)
