@@ -173,14 +173,15 @@ def test_retention_keeps_exactly_the_last_n_complete(tmp_path):
 
 
 def test_fp16_grad_scaler_state_is_restored_exactly(tmp_path):
-    args = ("--train.precision", "fp16", "--train.max_steps", "8", "--ckpt.every_steps", "4")
+    args = ("--train.precision", "fp16", "--train.max_steps", "6", "--ckpt.every_steps", "3",
+            "--train.global_batch_size", "32")
     full, crashed = str(tmp_path / "full"), str(tmp_path / "crashed")
     train(full, *args)
-    first = train(crashed, *args, env={"DDPTRAIN_TEST_FAULT": "kill_before_manifest@8"},
+    first = train(crashed, *args, env={"DDPTRAIN_TEST_FAULT": "kill_before_manifest@6"},
                   check=False)
     assert first.returncode != 0
     train(crashed, *args)
-    assert [e["step"] for e in events(crashed, "resumed")] == [4]
-    state = load_flat(ckpt(full, "step-00000008"))
-    assert state["scaler._growth_tracker"] == 8 and state["scaler.scale"] > 1
-    assert differences(state, load_flat(ckpt(crashed, "step-00000008"))) == []
+    assert [e["step"] for e in events(crashed, "resumed")] == [3]
+    state = load_flat(ckpt(full, "step-00000006"))
+    assert state["scaler._growth_tracker"] == 6 and state["scaler.scale"] > 1
+    assert differences(state, load_flat(ckpt(crashed, "step-00000006"))) == []
