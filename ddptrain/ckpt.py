@@ -1,0 +1,98 @@
+"""Checkpoint tools: ``python -m ddptrain.ckpt {list,verify,export} DIR``.
+
+``list`` shows every ``step-*`` directory with its status, ``verify`` checks the newest
+complete checkpoint (or a named one) against its manifest and exits non-zero if there is
+none, ``export`` writes the model weights of a checkpoint to a file that loads with
+``torch.load(path, weights_only=True)``, for inference.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from ddptrain.checkpoint import scan, verify as verify_dir
+from ddptrain.storage import Storage
+
+
+def list_checkpoints(ckpt_dir: str, storage_options: Optional[dict[str, Any]] = None) -> None:
+    """Print every step-* directory in CKPT_DIR, newest first, with its status.
+
+    Args:
+        ckpt_dir: Checkpoint location (local path or fsspec URL).
+        storage_options: fsspec options, as for ckpt.storage_options.
+    """
+    storage = Storage(ckpt_dir, storage_options)
+    for status in scan(storage):
+        if status.complete:
+            m = status.manifest
+            print(f"{status.name}  complete  step={m.step} epoch={m.epoch} "
+                  f"reason={m.reason} world_size={m.world_size} "
+                  f"bytes={sum(m.files.values())}")
+        else:
+            print(f"{status.name}  INCOMPLETE  {status.problem}")
+
+
+def verify(ckpt_dir: str, name: Optional[str] = None,
+           storage_options: Optional[dict[str, Any]] = None) -> None:
+    """Check a checkpoint against its manifest (default: the newest complete one).
+
+    Exits with status 1 when it is incomplete or when there is no complete checkpoint.
+
+    Args:
+        ckpt_dir: Checkpoint location (local path or fsspec URL).
+        name: A step directory name such as step-00000120.
+        storage_options: fsspec options, as for ckpt.storage_options.
+    """
+    storage = Storage(ckpt_dir, storage_options)
+    status = verify_dir(storage, name) if name else next(
+        (s for s in scan(storage) if s.complete), None)
+    if status is None or not status.complete:
+        problem = status.problem if status else "no complete checkpoint"
+        print(f"{storage.describe(name or '')}: {problem}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps({"name": status.name, "step": status.manifest.step,
+                      "identity": status.manifest.identity}, indent=2))
+
+
+def export(ckpt_dir: str, out: str, name: Optional[str] = None,
+           storage_options: Optional[dict[str, Any]] = None) -> None:
+    """Write a checkpoint's model weights (a plain state dict) to OUT for inference.
+
+    Args:
+        ckpt_dir: Checkpoint location (local path or fsspec URL).
+        out: Output file; load it with torch.load(out, weights_only=True).
+        name: A step directory name (default: the newest complete checkpoint).
+        storage_options: fsspec options, as for ckpt.storage_options.
+    """
+    storage = Storage(ckpt_dir, storage_options)
+    status = verify_dir(storage, name) if name else next(
+        (s for s in scan(storage) if s.complete), None)
+    if status is None or not status.complete:
+        raise SystemExit(f"{storage.describe(name or '')}: no complete checkpoint to export")
+    reader = storage.dcp_reader(status.name)
+    metadata = reader.read_metadata()
+    weights = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in metadata.state_dict_metadata.items()
+               if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # single-process load is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(weights, storage_reader=storage.dcp_reader(status.name), no_dist=True)
+    torch.save({key[len("model."):]: value for key, value in weights.items()}, out)
+    print(f"wrote {len(weights)} tensors of {storage.describe(status.name)} to {out}")
+
+
+def main() -> None:
+    from jsonargparse import CLI
+
+    CLI({"list": list_checkpoints, "verify": verify, "export": export}, as_positional=True)
+
+
+if __name__ == "__main__":
+    main()

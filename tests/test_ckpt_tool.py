@@ -1,0 +1,41 @@
+"""python -m ddptrain.ckpt: list, verify and export checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ddptrain.model import build_model
+from tests.launch import train
+
+pytestmark = pytest.mark.slow
+
+
+def tool(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddptrain.ckpt", *args],
+                          capture_output=True, text=True, check=check)
+
+
+def test_list_verify_export(tmp_path):
+    run_dir = str(tmp_path / "run")
+    train(run_dir, "--train.max_steps", "4", "--ckpt.every_steps", "2", nproc=0)
+    ckpts = os.path.join(run_dir, "checkpoints")
+    os.makedirs(os.path.join(ckpts, "step-00000009"))
+
+    lines = tool("list", ckpts).stdout.splitlines()
+    assert lines[0].startswith("step-00000009  INCOMPLETE  no manifest.json")
+    assert lines[1].startswith("step-00000004  complete  step=4")
+    assert lines[2].startswith("step-00000002  complete  step=2")
+
+    assert '"step": 4' in tool("verify", ckpts).stdout
+    assert tool("verify", ckpts, "--name", "step-00000009", check=False).returncode == 1
+
+    out = str(tmp_path / "weights.pt")
+    tool("export", ckpts, out)
+    weights = torch.load(out, weights_only=True)
+    build_model("cnn", 10, 1).load_state_dict(weights)  # strict: every key matches
+
