@@ -129,6 +129,13 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest of one float over all ranks."""
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
 def sum_over_ranks(values: list[float]) -> list[float]:
     """Element-wise sum of a few floats over all ranks."""
     tensor = torch.tensor(values, dtype=torch.float64)

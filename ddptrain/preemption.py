@@ -72,6 +72,12 @@ class StopRequest:
     def seconds_since_request(self) -> Optional[float]:
         return None if self.requested_at is None else time.monotonic() - self.requested_at
 
+    def seconds_since_first_request(self) -> Optional[float]:
+        """Seconds since the earliest request on any rank (collective); None if none."""
+        mine = self.seconds_since_request()
+        earliest = dist.max_over_ranks(-1.0 if mine is None else mine)
+        return None if earliest < 0 else earliest
+
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
@@ -99,7 +105,7 @@ class NoticeWatcher:
         self.url = url or NOTICE_URLS[provider]
         self.poll_seconds = poll_seconds
         self.on_notice = on_notice
-        self.timeout_s = min(timeout_s, poll_seconds)
+        self.timeout_s = timeout_s
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="preemption-notice",

@@ -183,9 +183,11 @@ class Trainer:
         return ExitCode.FINISHED
 
     def stop_for_preemption(self) -> ExitCode:
+        # TODO: wait for an in-flight save first once saves can be asynchronous (parallel
+        # work on checkpoint.py): the preempt checkpoint must not race it.
         if self.saved_step != self.step:
             self.save("preempt")
-        waited = self.stop.seconds_since_request()
+        waited = self.stop.seconds_since_first_request()
         self.logger.event("preempted", step=self.step, reason=self.stop.reason or "peer rank",
                           seconds_signal_to_commit=None if waited is None else round(waited, 3))
         self._write_status("preempted", reason=self.stop.reason or "peer rank")
