@@ -70,7 +70,8 @@ def read_state(run_dir: str) -> str:
 
 def torchrun_command(args: argparse.Namespace) -> list[str]:
     return [args.python, "-m", "torch.distributed.run", *shlex.split(args.torchrun_args),
-            f"--nproc-per-node={args.nproc_per_node}", f"--max-restarts={args.max_restarts}",
+            f"--nproc-per-node={args.nproc_per_node}",
+            f"--max-restarts={args.max_restarts}",
             "--signals-to-handle=SIGTERM,SIGUSR1,SIGUSR2",
             f"--shutdown-timeout={args.shutdown_timeout}", "-m", "ddptrain",
             *args.ddptrain_args, "--run.dir", args.run_dir]
@@ -124,7 +125,8 @@ class Supervisor:
             if failures >= self.max_failures:
                 say(f"giving up after {failures} failed attempts in a row")
                 return EXIT_FAILED
-            say(f"training not finished (state {state}); rerunning in {self.retry_delay:g}s")
+            say(f"training not finished (state {state}); "
+                f"rerunning in {self.retry_delay:g}s")
             if self.stopped.wait(self.retry_delay):
                 return EXIT_PREEMPTED if state == "preempted" else EXIT_FAILED
         return EXIT_FAILED  # stopped before the first attempt

@@ -65,6 +65,6 @@ def assert_resumed_without_recompute(run_dir: str, stop_step: int, reference: st
 
 def assert_bitwise_equal(run_a: str, run_b: str, name: str = FINAL) -> None:
     a, b = load_flat(ckpt_dir(run_a, name)), load_flat(ckpt_dir(run_b, name))
-    assert any(k.startswith("model.") and "running_mean" in k for k in a), "BatchNorm missing"
+    assert any(k.startswith("model.") and "running_mean" in k for k in a), "no BatchNorm"
     assert any(k.startswith("optim.state.") for k in a)
     assert differences(a, b) == []

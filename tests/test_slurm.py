@@ -24,13 +24,13 @@ def wait_for_step(cluster: SlurmCluster, job_id: int, run_dir: str, step: int,
     deadline = time.monotonic() + timeout
     while max(train_rows(run_dir), default=0) < step:
         state = cluster.job_state(job_id)["JobState"]
-        assert state in ("PENDING", "RUNNING"), f"job {job_id} is {state} before step {step}"
+        assert state in ("PENDING", "RUNNING"), f"job {job_id} {state} before step {step}"
         assert time.monotonic() < deadline, f"timed out waiting for step {step}"
         time.sleep(0.05)
 
 
-def test_usr1_requeues_then_the_rerun_resumes_and_completes(slurm_cluster, reference_run,
-                                                            tmp_path):
+def test_usr1_requeues_then_the_rerun_resumes_and_completes(
+        slurm_cluster, reference_run, tmp_path):  # noqa: F811 (fixture)
     cluster = slurm_cluster
     run_dir, out = str(tmp_path / "run"), tmp_path / "job.out"
     env = {"RUN_DIR": run_dir, "PYTHON": sys.executable, "NPROC_PER_NODE": "2",
@@ -59,5 +59,6 @@ def test_usr1_requeues_then_the_rerun_resumes_and_completes(slurm_cluster, refer
     assert [e["slurm_restart_count"] for e in started] == [None, "1"]
     assert status(run_dir)["slurm_job_id"] == str(job)
     log = out.read_text()
-    assert f"ddptrain: job {job} restart 0" in log and f"ddptrain: job {job} restart 1" in log
+    assert f"ddptrain: job {job} restart 0 " in log
+    assert f"ddptrain: job {job} restart 1 " in log
     assert "training state: preempted" in log and "training state: finished" in log

@@ -45,7 +45,8 @@ def test_bad_input_is_not_retried(tmp_path):
 
 
 def test_gives_up_after_max_failures_in_a_row(tmp_path):
-    proc = supervise(tmp_path, "crash preempted crash crash finished", "--max-failures", "2")
+    proc = supervise(tmp_path, "crash preempted crash crash finished",
+                     "--max-failures", "2")
     assert proc.wait(timeout=60) == 1
     assert [line.split()[1] for line in fake_log(tmp_path)] == ["crash", "preempted",
                                                                "crash", "crash"]
