@@ -57,9 +57,9 @@ def test_usr1_requeues_then_the_rerun_resumes_and_completes(
     env = {"RUN_DIR": run_dir, "PYTHON": sys.executable, "NPROC_PER_NODE": "2",
            "SHUTDOWN_TIMEOUT": "60", "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1", "RDZV_PORT": str(free_port())}
-    job = cluster.submit(os.path.join(REPO, "slurm", script), *FAST_ARGS, *ONLY_STOP_SAVES, env=env, cwd=tmp_path,
-                         sbatch_args=["-o", str(out), "--job-name", "ddptest",
-                                      "--nodes", "1"])
+    job = cluster.submit(os.path.join(REPO, "slurm", script), *FAST_ARGS, *ONLY_STOP_SAVES,
+                         env=env, cwd=tmp_path, sbatch_args=["-o", str(out), "--job-name",
+                                                             "ddptest", "--nodes", "1"])
     try:
         wait_for_step(cluster, job, run_dir, 26)
         cluster.signal_batch(job, "USR1")  # what --signal=B:USR1@grace delivers
