@@ -151,3 +151,27 @@ def test_stop_request_keeps_the_first_reason_and_restores_handlers():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGUSR2) == before
+
+
+def test_preempt_config_errors_name_the_key():
+    from ddptrain.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--preempt.signals", "[SIGTERM, SIGKILL]",
+                      "--preempt.poll_seconds", "0"])
+    assert "preempt.signals" in str(error.value) and "'SIGKILL' is not one of" in str(
+        error.value)
+    assert "preempt.poll_seconds=0.0: must be > 0" in str(error.value)
+    cfg = parse_config(["--preempt.signals", "[SIGUSR2]", "--preempt.notice", "gcp"])
+    assert cfg.preempt.signals == ["SIGUSR2"] and cfg.preempt.notice == "gcp"
+
+
+def test_a_preempted_rank_exits_0_only_under_torchrun(monkeypatch):
+    from ddptrain.__main__ import exit_status
+    from ddptrain.trainer import ExitCode
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert exit_status(ExitCode.PREEMPTED) == 75 and exit_status(ExitCode.FINISHED) == 0
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert exit_status(ExitCode.PREEMPTED) == 0
+    assert exit_status(ExitCode.BAD_INPUT) == 2
