@@ -6,7 +6,9 @@ always tears the process group down. Exit status: see :class:`ddptrain.trainer.E
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 
 from ddptrain import dist
@@ -33,24 +35,53 @@ def main(argv: list[str] | None = None) -> int:
     from ddptrain.data import DataError
     from ddptrain.model import ModelError
     from ddptrain.storage import StorageError
-    from ddptrain.trainer import ExitCode, Trainer
+    from ddptrain.trainer import ExitCode, Trainer, write_status
 
-    cfg = parse_config(argv)  # argument errors exit with status 2 and the usage text
+    try:
+        cfg = parse_config(argv)  # argument errors exit with status 2 and the usage text
+    except ConfigError as exc:  # cross-field rules (validate)
+        if rank == 0:
+            log.error("%s", exc)
+        return int(ExitCode.BAD_INPUT)
     user_errors = (ConfigError, DataError, ModelError, StorageError, CheckpointError)
     trainer = None
     try:
         info = dist.init_distributed(cfg.train.device)
         validate_for_world(cfg, info.world_size)
         trainer = Trainer(cfg, info)
-        return int(trainer.run())
+        return exit_status(trainer.run())
     except user_errors as exc:
         if rank == 0 or not isinstance(exc, (ConfigError, DataError, ModelError)):
             log.error("%s", exc)
+        if rank == 0:
+            with contextlib.suppress(OSError):  # an unwritable run.dir is reported above
+                write_status(cfg.run.dir, "bad_input", message=str(exc)[:500])
         return int(ExitCode.BAD_INPUT)
+    except BaseException as exc:
+        if rank == 0:
+            with contextlib.suppress(OSError):
+                write_status(cfg.run.dir, "failed",
+                             message=f"{type(exc).__name__}: {exc}"[:500])
+        raise
     finally:
         if trainer is not None:
             trainer.close()
         dist.teardown()
+
+
+def exit_status(code: int) -> int:
+    """The process exit status for the trainer's result.
+
+    Under torchrun (TORCHELASTIC_RUN_ID is set) a rank that stopped on request exits 0,
+    not 75: the elastic agent restarts the group (--max-restarts) or tears the job down on
+    any non-zero exit, and a requested stop must do neither. torchrun reduces worker
+    failures to its own status 1 anyway, so scripts read <run.dir>/status.json.
+    """
+    from ddptrain.trainer import ExitCode
+
+    if code == ExitCode.PREEMPTED and os.environ.get("TORCHELASTIC_RUN_ID"):
+        return int(ExitCode.FINISHED)
+    return int(code)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 #: Substrings of ``ckpt.storage_options`` keys whose values are never written or logged.
 SECRET_KEY_MARKERS = ("secret", "password", "token", "key", "credential", "session")
+#: Signals ``preempt.signals`` may name (catchable, and meant for "please stop").
+STOP_SIGNAL_CHOICES = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
 
 
 class ConfigError(ValueError):
@@ -147,6 +149,26 @@ class LogConfig:
 
 
 @dataclass
+class PreemptConfig:
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    """Signals that ask for a graceful stop: every rank finishes the current step, a
+    complete checkpoint (reason preempt) is committed, and the run exits (status.json:
+    preempted). Choose from SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, SIGQUIT. Under
+    torchrun also pass --signals-to-handle with the same names."""
+    notice: Literal["off", "aws", "gcp"] = "off"
+    """Poll the cloud provider's preemption notice (on each node's local rank 0) and stop
+    gracefully when one is posted. aws: spot instance-action (IMDSv2, falling back to
+    IMDSv1); gcp: the instance/preempted metadata value."""
+    notice_url: Optional[str] = None
+    """URL of the preemption notice. Default: the provider's metadata URL
+    (http://169.254.169.254/latest/meta-data/spot/instance-action for aws,
+    http://metadata.google.internal/computeMetadata/v1/instance/preempted for gcp)."""
+    poll_seconds: float = 5.0
+    """Seconds between two polls of the preemption notice. A failed poll counts as
+    "no notice"."""
+
+
+@dataclass
 class Config:
     """ddptrain: distributed, fault-tolerant image-classifier training."""
 
@@ -158,6 +180,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
 
     @property
     def ckpt_dir(self) -> str:
@@ -236,6 +259,11 @@ def validate(cfg: Config) -> None:
     need(cfg.ckpt.thread_count >= 1, "ckpt.thread_count", cfg.ckpt.thread_count,
          "must be >= 1")
     need(cfg.log.every_steps >= 1, "log.every_steps", cfg.log.every_steps, "must be >= 1")
+    for name in cfg.preempt.signals:
+        need(name in STOP_SIGNAL_CHOICES, "preempt.signals", cfg.preempt.signals,
+             f"{name!r} is not one of {', '.join(STOP_SIGNAL_CHOICES)}")
+    need(cfg.preempt.poll_seconds > 0, "preempt.poll_seconds", cfg.preempt.poll_seconds,
+         "must be > 0")
     need(cfg.data.dataset in ("auto", "digits") or cfg.data.root is not None, "data.root",
          cfg.data.root, f"must be set for data.dataset={cfg.data.dataset}")
     if problems:

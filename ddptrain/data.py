@@ -12,6 +12,7 @@ from them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -160,19 +161,24 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader worker init: leave stop signals to the main process, which saves first."""
-    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
+def ignore_stop_signals(_worker_id: int,
+                        names: Sequence[str] = ("SIGTERM", "SIGUSR1", "SIGUSR2")) -> None:
+    """DataLoader worker init: leave stop signals (and Ctrl-C) to the main process, which
+    saves first. A signal sent to a rank's whole process group then cannot kill them."""
+    for name in (*names, "SIGINT"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def make_loader(dataset: KeyedDataset, sampler: Sampler, batch_size: int, num_workers: int,
-                pin_memory: bool) -> DataLoader:
+                pin_memory: bool, stop_signals: Sequence[str] = ("SIGTERM", "SIGUSR1",
+                                                                 "SIGUSR2")) -> DataLoader:
     # An explicit generator keeps DataLoader from drawing its base seed from the global
     # torch RNG, which would shift dropout randomness between a resumed and a full run.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=ignore_stop_signals if num_workers else None,
+                      worker_init_fn=(functools.partial(ignore_stop_signals,
+                                                        names=tuple(stop_signals))
+                                      if num_workers else None),
                       generator=torch.Generator().manual_seed(0),
                       persistent_workers=False, drop_last=False)
 

@@ -57,7 +57,13 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 1800) -
     timeout = timedelta(seconds=timeout_s)
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        store = _restart_safe_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, timeout=timeout,
+                                    rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
     else:
         store = dist.HashStore()
         dist.init_process_group(backend=backend, store=store, rank=0, world_size=1,
@@ -67,6 +73,30 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 1800) -
     log.debug("process group ready: rank %d/%d on %s (%s)", info.rank, info.world_size,
               device, backend)
     return info
+
+
+def _restart_safe_store(timeout: timedelta) -> dist.Store | None:
+    """The agent's store with this attempt's own key space, when torchrun shares it.
+
+    torchrun hands its rendezvous TCPStore to the workers (TORCHELASTIC_USE_AGENT_STORE)
+    and that store outlives a restart (--max-restarts): restarted workers would read the
+    previous attempt's process-group addresses and connect to dead peers. On one node all
+    workers see the same TORCHELASTIC_RESTART_COUNT, so keys are namespaced by it. Nodes
+    can disagree on that count, so with several nodes the launcher must set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt; slurm/ does).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" and launched_rank() == 0:
+            log.warning("torchrun --max-restarts with several nodes needs "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment, "
+                        "else restarted workers connect to the previous attempt's peers")
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"ddptrain/attempt-{attempt}/", store)
 
 
 def teardown() -> None:
@@ -97,6 +127,13 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return (tensor / dist.get_world_size()).tolist()
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest of one float over all ranks."""
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
 
 
 def sum_over_ranks(values: list[float]) -> list[float]:

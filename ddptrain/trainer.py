@@ -30,7 +30,7 @@ from ddptrain.data import (ResumableSampler, ShardSampler, build_datasets, make_
 from ddptrain.metrics import RunLogger, SampleRecorder
 from ddptrain.model import build_model, input_channels
 from ddptrain.optim import build_optimizer, build_scheduler
-from ddptrain.preemption import StopRequest
+from ddptrain.preemption import StopRequest, install_test_signal, start_notice_watcher
 from ddptrain.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,26 @@ class ExitCode(IntEnum):
     PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a complete checkpoint; rerun
 
 
+STATUS_EXIT_CODES = {"finished": ExitCode.FINISHED, "preempted": ExitCode.PREEMPTED,
+                     "bad_input": ExitCode.BAD_INPUT, "failed": ExitCode.FAILED}
+
+
+def write_status(run_dir: str, state: str, **fields: Any) -> None:
+    """Atomically replace ``<run_dir>/status.json``: how the latest attempt ended
+    (running | finished | preempted | bad_input | failed) for launch scripts, which cannot
+    rely on torchrun's exit status (see README, Exit status)."""
+    row = {"state": state, "exit_code": STATUS_EXIT_CODES.get(state), **fields,
+           "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "time_unix": time.time()}
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, STATUS_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(row, f)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: dist.DistInfo):
         self.cfg = cfg
@@ -55,6 +75,8 @@ class Trainer:
         self.step = 0
         self.evaluated_step = -1
         self.saved_step = -1
+        # First, so that a stop signal during the (possibly slow) setup is not fatal.
+        self.stop = StopRequest(cfg.preempt.signals)
 
         self._build_data()
         self._build_model()
@@ -76,7 +98,10 @@ class Trainer:
         self.ckpt = CheckpointManager(self.storage, info, self.run_identity(),
                                       cfg.ckpt.keep_last, self.logger.event,
                                       cfg.ckpt.thread_count)
-        self.stop = StopRequest()
+        install_test_signal(self.module, lambda: self.step + 1, info.rank)
+        self.notice_watcher = start_notice_watcher(
+            cfg.preempt.notice, cfg.preempt.notice_url, cfg.preempt.poll_seconds, self.stop,
+            info.local_rank)
 
     # -- construction ----------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -127,10 +152,10 @@ class Trainer:
                                   or self.step >= self.total_steps):
                     self.evaluate()
                 self.maybe_save(epoch_end)
+                if self.step >= self.total_steps:
+                    break  # a stop request now changes nothing: finish() saves anyway
                 if self.stop.agreed():
                     return self.stop_for_preemption()
-                if self.step >= self.total_steps:
-                    break
         return self.finish()
 
     def _prepare_run(self) -> None:
@@ -147,6 +172,7 @@ class Trainer:
                           slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                           slurm_restart_count=os.environ.get("SLURM_RESTART_COUNT"),
                           torchrun_restart_count=os.environ.get("TORCHELASTIC_RESTART_COUNT"))
+        self._write_status("running")
 
     def finish(self) -> ExitCode:
         if self.evaluated_step != self.step:
@@ -157,22 +183,24 @@ class Trainer:
         return ExitCode.FINISHED
 
     def stop_for_preemption(self) -> ExitCode:
+        # TODO: wait for an in-flight save first once saves can be asynchronous (parallel
+        # work on checkpoint.py): the preempt checkpoint must not race it.
         if self.saved_step != self.step:
             self.save("preempt")
-        waited = self.stop.seconds_since_request()
+        waited = self.stop.seconds_since_first_request()
         self.logger.event("preempted", step=self.step, reason=self.stop.reason or "peer rank",
                           seconds_signal_to_commit=None if waited is None else round(waited, 3))
-        self._write_status("preempted")
+        self._write_status("preempted", reason=self.stop.reason or "peer rank")
         return ExitCode.PREEMPTED
 
-    def _write_status(self, state: str) -> None:
+    def _write_status(self, state: str, **fields: Any) -> None:
         if self.info.is_main:
-            with open(os.path.join(self.cfg.run.dir, STATUS_FILE), "w") as f:
-                json.dump({"state": state, "step": self.step, "total_steps": self.total_steps,
-                           "exit_code": int(ExitCode.FINISHED if state == "finished"
-                                            else ExitCode.PREEMPTED)}, f)
+            write_status(self.cfg.run.dir, state, step=self.step,
+                         total_steps=self.total_steps, **fields)
 
     def close(self) -> None:
+        if self.notice_watcher is not None:
+            self.notice_watcher.stop()
         self.stop.restore()
         self.samples.close()
         self.logger.close()
@@ -190,7 +218,8 @@ class Trainer:
                                    self.info.rank, self.info.world_size, self.cfg.run.seed,
                                    epoch, start)
         loader = make_loader(self.data.train, sampler, self.micro_batch,
-                             self.cfg.data.num_workers, self.device.type == "cuda")
+                             self.cfg.data.num_workers, self.device.type == "cuda",
+                             self.cfg.preempt.signals)
         batches = iter(loader)
         while True:
             waited_from = time.perf_counter()
@@ -266,7 +295,8 @@ class Trainer:
         self.module.eval()
         sampler = ShardSampler(len(self.data.val), self.info.rank, self.info.world_size)
         loader = make_loader(self.data.val, sampler, max(self.micro_batch, 64),
-                             self.cfg.data.num_workers, self.device.type == "cuda")
+                             self.cfg.data.num_workers, self.device.type == "cuda",
+                             self.cfg.preempt.signals)
         k = min(5, self.data.num_classes)
         totals = torch.zeros(4, dtype=torch.float64)
         for images, labels, _ in loader:
