@@ -22,11 +22,9 @@ FINAL = f"step-{TOTAL_STEPS:08d}"
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> str:
-    """An uninterrupted run; keeps every checkpoint (keep_last 100)."""
-    run_dir = str(tmp_path_factory.mktemp("reference") / "run")
-    train(run_dir)
-    return run_dir
+def reference(reference_run) -> str:
+    """The session's uninterrupted run (conftest); keeps every checkpoint."""
+    return reference_run
 
 
 def ckpt(run_dir: str, name: str = FINAL) -> str:
