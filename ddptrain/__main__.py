@@ -28,7 +28,7 @@ def setup_logging(rank: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     rank = dist.launched_rank()
     setup_logging(rank)
-    from ddptrain.checkpoint import CheckpointError
+    from ddptrain.checkpoint import CheckpointError, SaveError
     from ddptrain.config import ConfigError, parse_config, validate_for_world
     from ddptrain.data import DataError
     from ddptrain.model import ModelError
@@ -43,8 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         validate_for_world(cfg, info.world_size)
         trainer = Trainer(cfg, info)
         return int(trainer.run())
+    except SaveError as exc:  # agreed by all ranks: a failure, not bad input
+        if rank == 0:
+            log.error("%s", exc)
+        return int(ExitCode.FAILED)
     except user_errors as exc:
-        if rank == 0 or not isinstance(exc, (ConfigError, DataError, ModelError)):
+        if rank == 0 or not isinstance(exc, (ConfigError, DataError, ModelError,
+                                             StorageError)):
             log.error("%s", exc)
         return int(ExitCode.BAD_INPUT)
     finally:
