@@ -35,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ddptrain import __version__, dist
+from ddptrain.rng import keeps_python_random
 from ddptrain.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class CheckpointManager:
         self.thread_count = thread_count
 
     # -- location check --------------------------------------------------------------------
+    @keeps_python_random
     def probe(self) -> None:
         """Every rank (each writes its own shards) checks the location; if any fails, every
         rank raises the same StorageError (rank 0's message when it failed too)."""
@@ -180,6 +182,7 @@ class CheckpointManager:
             raise StorageError(f"{problems[failed[0]]}{where}")
 
     # -- save + commit ---------------------------------------------------------------------
+    @keeps_python_random
     def save(self, state: dict[str, Any], *, step: int, epoch: int, samples_seen: int,
              global_batch_size: int, reason: str) -> bool:
         """Write and commit a checkpoint of ``state``; True once it is complete.
@@ -189,6 +192,7 @@ class CheckpointManager:
         """
         name = step_dirname(step)
         started = time.monotonic()
+        _maybe_inject_fault("pause_before_save", step, self.info.is_main)
         ready = self._guarded(lambda: self._prepare_dir(name)) if self.info.is_main else None
         ready = dist.broadcast_object(ready)
         if isinstance(ready, str):
@@ -197,7 +201,6 @@ class CheckpointManager:
             return False
 
         error, metadata = None, None
-        _maybe_inject_fault("pause_before_save", step, self.info.is_main)
         try:
             metadata = dcp.save(state, storage_writer=self.storage.dcp_writer(
                 name, self.thread_count))
@@ -282,24 +285,23 @@ class CheckpointManager:
         return {f: listed[f] for f in wanted if f in listed}, missing
 
     # -- discovery + load ------------------------------------------------------------------
+    @keeps_python_random
     def find_candidates(self) -> list[tuple[str, Manifest]]:
         """Rank 0 scans; all ranks get the complete checkpoints, newest first."""
-        found = None
-        if self.info.is_main:
-            statuses = self._guarded(lambda: scan(self.storage))
-            if isinstance(statuses, str):
-                found = statuses
-                statuses = []
-            else:
-                found = [(s.name, s.manifest) for s in statuses if s.complete]
-            newest = found[0][1].step if found else -1
-            for s in statuses:
-                if not s.complete and not s.empty and s.step > newest:
-                    self.emit("skipped_incomplete", level=logging.WARNING,
-                              location=self.storage.describe(s.name), problem=s.problem)
+        found = self._guarded(self._scan_complete) if self.info.is_main else None
         found = dist.broadcast_object(found)
         if isinstance(found, str):
             raise CheckpointError(f"listing {self.storage.describe()} failed: {found}")
+        return found
+
+    def _scan_complete(self) -> list[tuple[str, Manifest]]:
+        statuses = scan(self.storage)
+        found = [(s.name, s.manifest) for s in statuses if s.complete]
+        newest = found[0][1].step if found else -1
+        for s in statuses:
+            if not s.complete and not s.empty and s.step > newest:
+                self.emit("skipped_incomplete", level=logging.WARNING,
+                          location=self.storage.describe(s.name), problem=s.problem)
         return found
 
     def load_latest(self, state_for: Callable[[Manifest], dict[str, Any]]
