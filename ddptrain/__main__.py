@@ -30,7 +30,7 @@ def setup_logging(rank: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     rank = dist.launched_rank()
     setup_logging(rank)
-    from ddptrain.checkpoint import CheckpointError
+    from ddptrain.checkpoint import CheckpointError, SaveError
     from ddptrain.config import ConfigError, parse_config, validate_for_world
     from ddptrain.data import DataError
     from ddptrain.model import ModelError
@@ -50,8 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         validate_for_world(cfg, info.world_size)
         trainer = Trainer(cfg, info)
         return exit_status(trainer.run())
+    except SaveError as exc:  # agreed by all ranks: a failure, not bad input
+        if rank == 0:
+            log.error("%s", exc)
+            with contextlib.suppress(OSError):
+                write_status(cfg.run.dir, "failed", message=str(exc)[:500])
+        return int(ExitCode.FAILED)
     except user_errors as exc:
-        if rank == 0 or not isinstance(exc, (ConfigError, DataError, ModelError)):
+        if rank == 0 or not isinstance(exc, (ConfigError, DataError, ModelError,
+                                             StorageError)):
             log.error("%s", exc)
         if rank == 0:
             with contextlib.suppress(OSError):  # an unwritable run.dir is reported above

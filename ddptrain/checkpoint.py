@@ -6,9 +6,11 @@ Layout under ``ckpt.dir`` (local path or fsspec URL)::
 
 1. A new directory per save, named by the zero-padded global step.
 2. Every rank calls DCP save into it; DCP writes ``.metadata`` after all shards.
-3. Rank 0 then writes ``manifest.json`` last (JSON, atomically): the commit marker. It
-   names every file of the checkpoint with its byte size.
-4. Complete = the manifest parses and every file it names exists with that size.
+3. Rank 0 then checks that every file DCP reports as written is listed with (at least)
+   the bytes written, and writes ``manifest.json`` last (JSON, atomically: rename on
+   disk, one PUT on object stores): the commit marker. It names every file with its size.
+4. Complete = the manifest parses and every file it names exists with that size. Anything
+   else (also an empty directory entry an object store keeps listing) is never loaded.
 5. Discovery runs on rank 0 and the choice is broadcast, so all ranks load the same step.
 6. If loading fails on any rank, all ranks agree, log it and try the next older one;
    nothing is deleted because it failed to load.
@@ -33,16 +35,22 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ddptrain import __version__, dist
-from ddptrain.storage import Storage
+from ddptrain.rng import keeps_python_random
+from ddptrain.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 STEP_DIR_PATTERN = re.compile(r"^step-(\d+)$")
-#: Test-only fault injection: "kill_before_manifest@STEP" SIGKILLs every rank after the
-#: shards and .metadata of that step's save are written but before the manifest.
+#: Test-only fault injection, a comma-separated list: "kill_before_manifest@STEP" SIGKILLs
+#: every rank after the shards and .metadata of that step's save are written but before
+#: the manifest; "pause_before_save@STEP" / "pause_before_manifest@STEP" make rank 0 create
+#: the file PAUSE_ENV/<point>@<STEP> there and wait until it is deleted.
 FAULT_ENV = "DDPTRAIN_TEST_FAULT"
+PAUSE_ENV = "DDPTRAIN_TEST_PAUSE_DIR"
+#: Listing attempts before a commit gives up on a file DCP wrote (eventual consistency).
+LISTING_ATTEMPTS = 4
 
 
 class CheckpointError(RuntimeError):
@@ -51,6 +59,10 @@ class CheckpointError(RuntimeError):
 
 class RunIdentityMismatch(CheckpointError):
     """The checkpoint directory belongs to a different run."""
+
+
+class SaveError(CheckpointError):
+    """A save or its commit failed on some rank; nothing was committed."""
 
 
 def step_dirname(step: int) -> str:
@@ -96,6 +108,7 @@ class CheckpointStatus:
     step: int
     manifest: Optional[Manifest]
     problem: str = ""
+    empty: bool = False  # no files at all: nothing, not even a failed save
 
     @property
     def complete(self) -> bool:
@@ -106,6 +119,8 @@ def verify(storage: Storage, name: str) -> CheckpointStatus:
     """Check one directory against its manifest (existence and size of every file)."""
     step = parse_step(name)
     files = storage.file_sizes(name)
+    if not files:
+        return CheckpointStatus(name, step, None, "empty directory", empty=True)
     if MANIFEST_NAME not in files:
         return CheckpointStatus(name, step, None, "no manifest.json (save never committed)")
     try:
@@ -150,44 +165,78 @@ class CheckpointManager:
         self.emit = emit
         self.thread_count = thread_count
 
+    # -- location check --------------------------------------------------------------------
+    @keeps_python_random
+    def probe(self) -> None:
+        """Every rank (each writes its own shards) checks the location; if any fails, every
+        rank raises the same StorageError (rank 0's message when it failed too)."""
+        try:
+            self.storage.probe()
+            problem = None
+        except StorageError as exc:
+            problem = str(exc)
+        problems = dist.all_gather_object(problem)
+        failed = [rank for rank, p in enumerate(problems) if p]
+        if failed:
+            where = "" if len(failed) == len(problems) else f" (on rank(s) {failed})"
+            raise StorageError(f"{problems[failed[0]]}{where}")
+
     # -- save + commit ---------------------------------------------------------------------
+    @keeps_python_random
     def save(self, state: dict[str, Any], *, step: int, epoch: int, samples_seen: int,
              global_batch_size: int, reason: str) -> bool:
         """Write and commit a checkpoint of ``state``; True once it is complete.
 
-        Raises CheckpointError when the save failed on any rank (nothing is committed).
+        Raises SaveError when the save failed on any rank (nothing is committed).
         Returns False without writing when a complete checkpoint of this step exists.
         """
         name = step_dirname(step)
         started = time.monotonic()
-        if not dist.broadcast_object(self._prepare_dir(name) if self.info.is_main else None):
+        _maybe_inject_fault("pause_before_save", step, self.info.is_main)
+        ready = self._guarded(lambda: self._prepare_dir(name)) if self.info.is_main else None
+        ready = dist.broadcast_object(ready)
+        if isinstance(ready, str):
+            raise SaveError(f"preparing {self.storage.describe(name)} failed: {ready}")
+        if not ready:
             return False
 
-        error = None
+        error, metadata = None, None
         try:
-            dcp.save(state, storage_writer=self.storage.dcp_writer(name, self.thread_count))
+            metadata = dcp.save(state, storage_writer=self.storage.dcp_writer(
+                name, self.thread_count))
         except (Exception, CheckpointException) as exc:  # agreed on below; reported
             error = exc
         if dist.any_rank(error is not None):
-            raise CheckpointError(f"saving {self.storage.describe(name)} failed: "
-                                  f"{self.storage.scrub(str(error or 'on another rank'))}")
+            raise SaveError(f"saving {self.storage.describe(name)} failed: "
+                            f"{self.storage.scrub(str(error or 'on another rank'))}")
         _maybe_inject_fault("kill_before_manifest", step)
+        _maybe_inject_fault("pause_before_manifest", step, self.info.is_main)
 
         manifest = Manifest(step=step, epoch=epoch, samples_seen=samples_seen,
                             world_size=self.info.world_size,
                             global_batch_size=global_batch_size, identity=self.identity,
                             reason=reason, files={})
-        error = self._commit(name, manifest) if self.info.is_main else None
+        error = self._commit(name, manifest, metadata) if self.info.is_main else None
         if dist.any_rank(error is not None):
-            raise CheckpointError(f"committing {self.storage.describe(name)} failed: "
-                                  f"{error or 'on rank 0'}")
+            raise SaveError(f"committing {self.storage.describe(name)} failed: "
+                            f"{error or 'on rank 0'}")
         seconds = time.monotonic() - started
         size = sum(manifest.files.values()) if self.info.is_main else None
         self.emit("checkpoint_committed", step=step, reason=reason, seconds=round(seconds, 3),
                   bytes=size, location=self.storage.describe(name))
         if self.info.is_main:
-            self.prune()
+            self._guarded(self.prune, "retention skipped")
         return True
+
+    def _guarded(self, action: Callable[[], Any], warning: str = "") -> Any:
+        """``action()``, or its scrubbed error as a string (logged when ``warning``)."""
+        try:
+            return action()
+        except Exception as exc:
+            message = self.storage.scrub(f"{type(exc).__name__}: {exc}")
+            if warning:
+                log.warning("%s: %s", warning, message)
+            return message
 
     def _prepare_dir(self, name: str) -> bool:
         """Rank 0: False if a complete checkpoint of this step exists; removes leftovers."""
@@ -200,36 +249,60 @@ class CheckpointManager:
                               "not overwriting it")
             return False
         # A directory of this step without a commit is the leftover of a crashed attempt.
-        self.emit("removed_incomplete", level=logging.WARNING, step=status.step,
-                  location=self.storage.describe(name), problem=status.problem)
+        if not status.empty:
+            self.emit("removed_incomplete", level=logging.WARNING, step=status.step,
+                      location=self.storage.describe(name), problem=status.problem)
         self.storage.delete_tree(name)
         return True
 
-    def _commit(self, name: str, manifest: Manifest) -> Optional[str]:
+    def _commit(self, name: str, manifest: Manifest, metadata: Any) -> Optional[str]:
+        """Rank 0: list what DCP wrote, then PUT the manifest; an error message or None."""
         try:
-            files = self.storage.file_sizes(name)
-            manifest.files = {f: s for f, s in files.items()
-                              if f != MANIFEST_NAME and not f.endswith(".tmp")}
-            if ".metadata" not in manifest.files:
-                return f"DCP wrote no .metadata into {self.storage.describe(name)}"
+            manifest.files, missing = self._listed_as_written(name, written_sizes(metadata))
+            if missing:
+                return (f"not every file DCP wrote is in {self.storage.describe(name)}: "
+                        f"{'; '.join(missing)}")
             self.storage.write_text_atomic(manifest.to_json(), name, MANIFEST_NAME)
         except Exception as exc:
             return self.storage.scrub(f"{type(exc).__name__}: {exc}")
         return None
 
+    def _listed_as_written(self, name: str, written: dict[str, int]
+                           ) -> tuple[dict[str, int], list[str]]:
+        """Listed sizes of the files DCP wrote (all listed files without a record of them,
+        leftovers such as ``*.tmp`` excluded) and what is missing or too short."""
+        for attempt in range(LISTING_ATTEMPTS):
+            if attempt:
+                time.sleep(0.5 * 2 ** (attempt - 1))  # an eventually consistent listing
+            listed = self.storage.file_sizes(name)
+            wanted = dict(written) or {f: 0 for f in listed
+                                       if f != MANIFEST_NAME and not f.endswith(".tmp")}
+            wanted.setdefault(".metadata", 1)
+            missing = [f"{f}: {listed[f] if f in listed else 'not'} listed, {size} written"
+                       for f, size in sorted(wanted.items()) if listed.get(f, -1) < size]
+            if not missing:
+                break
+        return {f: listed[f] for f in wanted if f in listed}, missing
+
     # -- discovery + load ------------------------------------------------------------------
+    @keeps_python_random
     def find_candidates(self) -> list[tuple[str, Manifest]]:
         """Rank 0 scans; all ranks get the complete checkpoints, newest first."""
-        found = None
-        if self.info.is_main:
-            statuses = scan(self.storage)
-            found = [(s.name, s.manifest) for s in statuses if s.complete]
-            newest = found[0][1].step if found else -1
-            for s in statuses:
-                if not s.complete and s.step > newest:
-                    self.emit("skipped_incomplete", level=logging.WARNING,
-                              location=self.storage.describe(s.name), problem=s.problem)
-        return dist.broadcast_object(found)
+        found = self._guarded(self._scan_complete) if self.info.is_main else None
+        found = dist.broadcast_object(found)
+        if isinstance(found, str):
+            raise CheckpointError(f"listing {self.storage.describe()} failed: {found}")
+        return found
+
+    def _scan_complete(self) -> list[tuple[str, Manifest]]:
+        statuses = scan(self.storage)
+        found = [(s.name, s.manifest) for s in statuses if s.complete]
+        newest = found[0][1].step if found else -1
+        for s in statuses:
+            if not s.complete and not s.empty and s.step > newest:
+                self.emit("skipped_incomplete", level=logging.WARNING,
+                          location=self.storage.describe(s.name), problem=s.problem)
+        return found
 
     def load_latest(self, state_for: Callable[[Manifest], dict[str, Any]]
                     ) -> Optional[tuple[Manifest, dict[str, Any]]]:
@@ -284,8 +357,29 @@ class CheckpointManager:
                             self.storage.describe(status.name), self.storage.scrub(str(exc)))
 
 
-def _maybe_inject_fault(point: str, step: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"{point}@{step}":
-        log.error("test fault %s@%d: killing this process", point, step)
+def written_sizes(metadata: Any) -> dict[str, int]:
+    """File name -> bytes DCP wrote into it, from the save's returned metadata (empty if
+    the storage writer keeps no such record)."""
+    sizes: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        path = getattr(info, "relative_path", None)
+        if isinstance(path, str):
+            sizes[path] = max(sizes.get(path, 0), int(info.offset) + int(info.length))
+    return sizes
+
+
+def _maybe_inject_fault(point: str, step: int, pause_here: bool = True) -> None:
+    wanted = f"{point}@{step}"
+    if wanted not in os.environ.get(FAULT_ENV, "").split(","):
+        return
+    if point.startswith("kill_"):
+        log.error("test fault %s: killing this process", wanted)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+    if point.startswith("pause_") and pause_here:
+        marker = os.path.join(os.environ[PAUSE_ENV], wanted)
+        open(marker, "w").close()
+        log.warning("test fault %s: waiting until %s is deleted", wanted, marker)
+        deadline = time.monotonic() + 300
+        while os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -130,10 +130,20 @@ class CkptConfig:
     keep_last: int = 3
     """Keep this many newest complete checkpoints (>= 1)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options for the checkpoint location (for s3: endpoint_url, profile, region,
-    key, secret, ...). Secrets are never logged or written to the run directory."""
+    """fsspec options for the checkpoint location, as JSON on the command line. For s3:
+    endpoint_url, region, profile, key, secret, token, client_kwargs, config_kwargs
+    (botocore: retries, timeouts), ... Unset: the standard AWS chain (environment, profile,
+    instance role). Secret values are never logged or written to the run directory."""
     thread_count: int = 1
-    """DCP writer threads per rank."""
+    """DCP writer threads per rank; each writes its own file, so on object stores this is
+    the number of parallel uploads per rank (the parts of one file go up in sequence)."""
+    block_size_mb: int = 64
+    """Part size in MiB of multipart uploads to s3:// (s3fs default_block_size, 5-5120):
+    the size of one upload request and of the write buffer per file and thread."""
+    on_save_error: Literal["continue", "stop"] = "continue"
+    """When an interval or epoch-end save fails after the storage's own retries: continue
+    (log it and keep training; earlier checkpoints are untouched) or stop (exit 1). A
+    failed final or preemption save always fails the run."""
 
 
 @dataclass
@@ -258,6 +268,8 @@ def validate(cfg: Config) -> None:
          "must be >= 1 (the newest complete checkpoint is always kept)")
     need(cfg.ckpt.thread_count >= 1, "ckpt.thread_count", cfg.ckpt.thread_count,
          "must be >= 1")
+    need(5 <= cfg.ckpt.block_size_mb <= 5120, "ckpt.block_size_mb", cfg.ckpt.block_size_mb,
+         "must be between 5 and 5120 (S3's part size limits)")
     need(cfg.log.every_steps >= 1, "log.every_steps", cfg.log.every_steps, "must be >= 1")
     for name in cfg.preempt.signals:
         need(name in STOP_SIGNAL_CHOICES, "preempt.signals", cfg.preempt.signals,

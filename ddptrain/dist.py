@@ -122,6 +122,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def mean_over_ranks(values: list[float]) -> list[float]:
     """Element-wise mean of a few floats over all ranks."""
     tensor = torch.tensor(values, dtype=torch.float64)

@@ -6,11 +6,32 @@ other tensor, each rank's under its own key.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def keeps_python_random(function: F) -> F:
+    """Restore Python's global ``random`` state after ``function``.
+
+    Storage libraries draw from it (botocore's retry jitter), so without this a retried
+    request during a save would change the training's random stream.
+    """
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        state = random.getstate()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            random.setstate(state)
+    return wrapper  # type: ignore[return-value]
 
 
 def seed_all(seed: int) -> None:

@@ -3,15 +3,21 @@
 Locations are carried as strings, never ``pathlib.Path`` (which would collapse the ``//``
 of a URL). Local directories get fsync'ed temp-file-and-rename writes; object stores get a
 single PUT per small file, which is atomic there.
+
+For s3:// (s3fs) the user's ``storage_options`` are completed by :func:`resolve_options`:
+friendly aliases (``endpoint_url``, ``region``) move into ``client_kwargs``, botocore gets
+bounded timeouts and retries with backoff for transient errors, and the multipart part
+size comes from ``ckpt.block_size_mb``. Anything the user sets wins over these defaults.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import posixpath
 import uuid
-from typing import Any
+from typing import Any, Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -23,6 +29,25 @@ log = logging.getLogger(__name__)
 #: fsspec implementations that ship in separate packages, by protocol.
 PROTOCOL_PACKAGES = {"s3": "s3fs (pip install 'ddptrain[s3]')", "s3a": "s3fs", "gs": "gcsfs",
                      "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+#: Protocols served by s3fs; resolve_options() applies to them.
+S3_PROTOCOLS = ("s3", "s3a")
+#: Object stores whose first path component is a bucket (container) that must exist.
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss")
+#: Top-level aliases in ckpt.storage_options for s3, mapped into s3fs's client_kwargs.
+S3_ALIASES = {"endpoint_url": "endpoint_url", "region": "region_name",
+              "region_name": "region_name"}
+#: botocore settings for saves and loads unless storage_options.config_kwargs sets them:
+#: "standard" retries back off exponentially (with jitter, at most 20 s a wait) on 5xx,
+#: throttling, timeouts and connection errors; 5 attempts wait about 15 s at most.
+#: s3fs retries throttling ("SlowDown") and broken responses 5 times on top of that.
+S3_CONFIG_DEFAULTS = {"connect_timeout": 10, "read_timeout": 60,
+                      "retries": {"max_attempts": 5, "mode": "standard"}}
+#: The probe must answer within seconds when the endpoint is unreachable.
+S3_PROBE_CONFIG = {"connect_timeout": 3, "read_timeout": 20,
+                   "retries": {"max_attempts": 2, "mode": "standard"}}
+#: Environment variables whose values are scrubbed from messages like secret options.
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+MiB = 2**20
 
 
 class StorageError(RuntimeError):
@@ -32,20 +57,29 @@ class StorageError(RuntimeError):
 class Storage:
     """Files and directories under one root location (local path or fsspec URL)."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
+                 block_size: Optional[int] = None):
         self.url = url.rstrip("/") if "://" in url and not url.endswith(":///") else url
-        self.options = dict(storage_options or {})
+        self.protocol = self.url.split("://", 1)[0] if "://" in self.url else "file"
+        self.options = resolve_options(self.protocol, storage_options or {}, block_size)
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
         except ImportError as exc:
-            protocol = self.url.split("://", 1)[0]
-            package = PROTOCOL_PACKAGES.get(protocol, f"the fsspec package for {protocol}://")
+            package = PROTOCOL_PACKAGES.get(self.protocol,
+                                            f"the fsspec package for {self.protocol}://")
             raise StorageError(f"ckpt.dir={self.url!r} needs {package}: {exc}") from exc
         except (ValueError, TypeError) as exc:
             raise StorageError(f"ckpt.dir={self.url!r}: {self.scrub(str(exc))}") from exc
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:
             self.root = os.path.abspath(self.root)
+
+    @property
+    def bucket(self) -> Optional[str]:
+        """The bucket (container) of an object-store URL, else None."""
+        if self.protocol not in BUCKET_PROTOCOLS:
+            return None
+        return self.root.strip("/").split("/", 1)[0] or None
 
     # -- naming -------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -58,11 +92,13 @@ class Storage:
         return "/".join([self.url.rstrip("/"), *parts]) if parts else self.url
 
     def scrub(self, text: str) -> str:
-        """Remove secret option values from a message."""
-        for key, value in _flatten(self.options):
-            if isinstance(value, str) and value and any(m in key.lower()
-                                                        for m in SECRET_KEY_MARKERS):
-                text = text.replace(value, "***")
+        """Remove secret values (options and AWS environment variables) from a message."""
+        secrets = [value for key, value in _flatten(self.options)
+                   if isinstance(value, str) and any(m in key.lower()
+                                                     for m in SECRET_KEY_MARKERS)]
+        secrets += [os.environ.get(name) for name in SECRET_ENV_VARS]
+        for value in sorted(filter(None, secrets), key=len, reverse=True):
+            text = text.replace(value, "***")
         return text
 
     # -- listing and reading --------------------------------------------------------------
@@ -116,30 +152,76 @@ class Storage:
         _fsync_dir(os.path.dirname(target))
 
     def delete_tree(self, *parts: str) -> None:
-        self.fs.rm(self.path(*parts), recursive=True)
+        """Delete a directory with everything in it.
 
-    def probe(self) -> None:
-        """Create the root, then write, read back and delete a tiny object.
-
-        Raises StorageError naming the location when any of it fails.
+        Some S3 servers (SeaweedFS) keep listing an emptied "directory" until its own key
+        ``prefix/`` is deleted; that entry is removed too.
         """
-        name = f".ddptrain-probe-{uuid.uuid4().hex}"
+        path = self.path(*parts)
         try:
-            self.makedirs()
-            self.fs.pipe_file(self.path(name), b"ddptrain")
-            if self.fs.cat_file(self.path(name)) != b"ddptrain":
-                raise StorageError("read back different bytes than written")
-            self.fs.rm(self.path(name))
-        except Exception as exc:
-            hint = self._endpoint_hint()
-            raise StorageError(f"checkpoint location ckpt.dir={self.url!r}{hint} is not "
-                               f"usable (create, write, read and delete a test object): "
-                               f"{type(exc).__name__}: {self.scrub(str(exc))}") from exc
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass  # nothing but such an empty directory entry, or already gone
+        if not self.is_local and self.exists(*parts):
+            self.fs.rm_file(path.rstrip("/") + "/")
+            self.fs.invalidate_cache(path)
 
-    def _endpoint_hint(self) -> str:
-        endpoint = (self.options.get("endpoint_url")
-                    or self.options.get("client_kwargs", {}).get("endpoint_url"))
-        return f" at endpoint {endpoint}" if endpoint else ""
+    # -- probe ----------------------------------------------------------------------------
+    def probe(self) -> None:
+        """Write, read back and delete a tiny object, with short timeouts and few retries.
+
+        Raises one StorageError naming the location, endpoint and bucket, and the likely
+        cause (unreachable endpoint, missing bucket, rejected credentials), without any
+        secret. Buckets are never created: a missing one is an error.
+        """
+        fs = self._probe_fs()
+        path = self.path(f".ddptrain-probe-{uuid.uuid4().hex}")
+        try:
+            if self.bucket is None:
+                fs.makedirs(self.path(), exist_ok=True)
+            fs.pipe_file(path, b"ddptrain")
+            if fs.cat_file(path) != b"ddptrain":
+                raise StorageError("read back different bytes than written")
+            fs.rm_file(path)
+        except Exception as exc:
+            raise StorageError(self._probe_message(exc, fs)) from exc
+
+    def _probe_fs(self):
+        if self.protocol not in S3_PROTOCOLS:
+            return self.fs
+        options = copy.deepcopy(self.options)
+        options["config_kwargs"] = {**options.get("config_kwargs", {}), **S3_PROBE_CONFIG}
+        return fsspec.filesystem(self.protocol, skip_instance_cache=True, **options)
+
+    def _probe_message(self, exc: Exception, fs) -> str:
+        where = [f"endpoint {e}" for e in [self.endpoint(fs)] if e]
+        where += [f"bucket {self.bucket!r}"] if self.bucket else []
+        text = str(exc).lower()
+        if isinstance(exc, FileNotFoundError) and self.bucket and "bucket" in text:
+            cause = (f"the bucket {self.bucket!r} does not exist (ddptrain never creates "
+                     "buckets: create it, or fix the URL)")
+        elif isinstance(exc, PermissionError):
+            cause = ("access denied: the credentials were rejected or may not write, read "
+                     "and delete objects there (check key/secret or profile in "
+                     "ckpt.storage_options, the AWS_* environment variables, the bucket "
+                     "policy)")
+        elif _is_connection_error(exc):
+            cause = "cannot connect to the endpoint (is it up, is endpoint_url right?)"
+        else:
+            cause = "writing, reading back and deleting a test object failed"
+        return (f"checkpoint location ckpt.dir={self.url!r}"
+                f"{' (' + ', '.join(where) + ')' if where else ''} is not usable: {cause}. "
+                f"{type(exc).__name__}: {self.scrub(str(exc))}")
+
+    def endpoint(self, fs=None) -> Optional[str]:
+        """The S3 endpoint URL in use (configured, from the environment, or AWS's)."""
+        if self.protocol not in S3_PROTOCOLS:
+            return None
+        client = getattr(fs or self.fs, "_s3", None)
+        endpoint = getattr(getattr(client, "meta", None), "endpoint_url", None)
+        return (endpoint or self.options.get("client_kwargs", {}).get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                or "the default AWS endpoint")
 
     # -- DCP ------------------------------------------------------------------------------
     def dcp_writer(self, dirname: str, thread_count: int = 1):
@@ -163,6 +245,52 @@ class Storage:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
         return FsspecReader(self.describe(dirname), **self.options)
+
+
+def resolve_options(protocol: str, options: dict[str, Any],
+                    block_size: Optional[int] = None) -> dict[str, Any]:
+    """The fsspec options for ``protocol``: the user's, plus ddptrain's s3 defaults.
+
+    For s3fs: ``endpoint_url`` and ``region`` (or ``region_name``) may be given at the top
+    level and move into ``client_kwargs``; ``config_kwargs`` (botocore) get
+    S3_CONFIG_DEFAULTS for keys not set; ``default_block_size`` (the multipart part size)
+    becomes ``block_size`` unless set, and ``fixed_upload_size`` defaults to True so that
+    every part has exactly that size (s3fs would otherwise send whatever one write() call
+    buffered as one part: a whole tensor, up to 5 GiB, in a single request). Other
+    protocols get the options unchanged.
+    """
+    resolved = copy.deepcopy(dict(options))
+    if protocol not in S3_PROTOCOLS:
+        return resolved
+    client = dict(resolved.pop("client_kwargs", None) or {})
+    for alias, key in S3_ALIASES.items():
+        if alias not in resolved:
+            continue
+        value = resolved.pop(alias)
+        if client.get(key, value) != value:
+            raise StorageError(f"ckpt.storage_options sets both {alias}={value!r} and "
+                               f"client_kwargs.{key}={client[key]!r}; keep one")
+        client[key] = value
+    if client:
+        resolved["client_kwargs"] = client
+    resolved["config_kwargs"] = {**copy.deepcopy(S3_CONFIG_DEFAULTS),
+                                 **(resolved.get("config_kwargs") or {})}
+    given = resolved.get("default_block_size")
+    if block_size and given and given != block_size:
+        log.warning("ckpt.storage_options.default_block_size=%s overrides "
+                    "ckpt.block_size_mb (%d MiB)", given, block_size // MiB)
+    if block_size:
+        resolved.setdefault("default_block_size", block_size)
+    resolved.setdefault("fixed_upload_size", True)
+    return resolved
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """Connection refused/reset or timed out, including botocore's own classes."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return isinstance(exc, (ConnectionError, TimeoutError)) or bool(
+        names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                 "ReadTimeoutError", "ConnectionError"})
 
 
 def _flatten(options: dict[str, Any], prefix: str = ""):

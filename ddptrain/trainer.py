@@ -31,7 +31,7 @@ from ddptrain.metrics import RunLogger, SampleRecorder
 from ddptrain.model import build_model, input_channels
 from ddptrain.optim import build_optimizer, build_scheduler
 from ddptrain.preemption import StopRequest, install_test_signal, start_notice_watcher
-from ddptrain.storage import Storage
+from ddptrain.storage import MiB, Storage
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class Trainer:
                                            enabled=cfg.train.precision == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
-        self.storage = Storage(cfg.ckpt_dir, cfg.ckpt.storage_options)
+        self.storage = Storage(cfg.ckpt_dir, cfg.ckpt.storage_options,
+                               block_size=cfg.ckpt.block_size_mb * MiB)
         os.makedirs(cfg.run.dir, exist_ok=True)
         self.logger = RunLogger(cfg.run.dir, info.is_main, self.total_steps,
                                 cfg.log.progress_bar, cfg.log.tensorboard)
@@ -159,8 +160,8 @@ class Trainer:
         return self.finish()
 
     def _prepare_run(self) -> None:
+        self.ckpt.probe()  # all ranks: write, read back, delete a tiny object
         if self.info.is_main:
-            self.storage.probe()
             with open(os.path.join(self.cfg.run.dir, "config.yaml"), "w") as f:
                 import yaml
                 yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
@@ -341,11 +342,14 @@ class Trainer:
                            samples_seen=self.step * self.cfg.train.global_batch_size,
                            global_batch_size=self.cfg.train.global_batch_size, reason=reason)
         except CheckpointError as exc:
-            if reason in ("final", "preempt"):
-                raise
-            # TODO: make this configurable (keep going / stop) together with the S3 work.
+            fatal = reason in ("final", "preempt") or self.cfg.ckpt.on_save_error == "stop"
+            outcome = "the run stops" if fatal else ("training continues (ckpt.on_save_"
+                                                     "error=continue); earlier checkpoints "
+                                                     "are untouched")
             self.logger.event("checkpoint_failed", level=logging.ERROR, step=self.step,
-                              reason=reason, message=str(exc))
+                              reason=reason, message=f"{exc}; {outcome}")
+            if fatal:
+                raise
             return
         self.saved_step = self.step
 

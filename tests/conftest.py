@@ -6,6 +6,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 
+# The SeaweedFS fixtures (s3_server, s3_server_factory) for every test module. pytest only
+# honours pytest_plugins in this top-level conftest; modules must not import them again.
+pytest_plugins = ["tests.s3server"]
+
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory) -> str:

@@ -1,7 +1,7 @@
 """The checkpoint contract on one process: commit, discovery, fallback, retention.
 
-Runs against local disk and fsspec's ``memory://`` (the same code paths as S3 except the
-network), in a one-member gloo process group.
+Runs against local disk, fsspec's ``memory://`` and a real S3 server (the session's
+SeaweedFS, through s3fs), in a one-member gloo process group.
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ def info():
     dist.teardown()
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def storage(request, tmp_path) -> Storage:
     if request.param == "local":
         return Storage(str(tmp_path / "ckpts"))
+    if request.param == "s3":  # the session's SeaweedFS server (skipped without it)
+        server = request.getfixturevalue("s3_server")
+        return Storage(server.unique_url("ckpt-tests"), server.storage_options())
     return Storage(f"memory://ckpt-tests/{uuid.uuid4().hex}")
 
 

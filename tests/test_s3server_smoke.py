@@ -24,7 +24,6 @@ from torch.distributed.checkpoint._fsspec_filesystem import (  # noqa: E402
 from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 
 from tests.s3server import HOST, SeaweedS3, SeaweedS3Error, _free_ports  # noqa: E402
-from tests.s3server import s3_server, s3_server_factory  # noqa: E402,F401
 
 pytestmark = pytest.mark.filterwarnings(
     # DCP with no_dist=True always says this; not what these tests are about
