@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
+    """Run: where logs go and the seed."""
+
     dir: str = "runs/digits"
     """Run directory (local path) for the resolved config, metrics.jsonl, events.jsonl and
     TensorBoard files."""
@@ -38,6 +40,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
+    """Data: source, split, augmentation and loading."""
+
     dataset: Literal["auto", "digits", "imagefolder", "cifar10"] = "auto"
     """Which dataset. auto: the embedded digits when data.root is unset, CIFAR-10 when
     data.root holds cifar-10-batches-py, else an ImageFolder tree."""
@@ -61,6 +65,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """Model: architecture."""
+
     name: str = "cnn"
     """'cnn' (built-in small CNN with BatchNorm) or any torchvision classification model
     name such as resnet18 or resnet50. num_classes comes from the data."""
@@ -70,6 +76,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    """Optimizer."""
+
     name: Literal["sgd", "adamw"] = "sgd"
     """Optimizer."""
     lr: float = 0.1
@@ -86,6 +94,8 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
+    """Learning-rate schedule."""
+
     name: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule after warmup."""
     warmup_steps: int = 20
@@ -96,6 +106,8 @@ class SchedConfig:
 
 @dataclass
 class TrainConfig:
+    """Training: length, batch, precision and device."""
+
     epochs: int = 15
     """Number of passes over the training split."""
     max_steps: Optional[int] = None
@@ -120,6 +132,8 @@ class TrainConfig:
 
 @dataclass
 class CkptConfig:
+    """Checkpoints: location, frequency, retention and storage."""
+
     dir: Optional[str] = None
     """Checkpoint location: a local path or an fsspec URL (s3://bucket/prefix, ...).
     Default: <run.dir>/checkpoints. Runs resume from the newest complete checkpoint here."""
@@ -148,6 +162,8 @@ class CkptConfig:
 
 @dataclass
 class LogConfig:
+    """Logging and metrics."""
+
     every_steps: int = 10
     """Print a step line (and a metrics.jsonl row) every N optimizer steps."""
     progress_bar: Literal["auto", "on", "off"] = "auto"
@@ -160,6 +176,8 @@ class LogConfig:
 
 @dataclass
 class PreemptConfig:
+    """Preemption: stop signals and cloud preemption notices."""
+
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
     """Signals that ask for a graceful stop: every rank finishes the current step, a
     complete checkpoint (reason preempt) is committed, and the run exits (status.json:
@@ -207,6 +225,7 @@ def build_parser() -> ArgumentParser:
             "ckpt.dir. Options are --section.key VALUE; --config FILE.yaml sets many."
         ),
         default_env=False,
+        allow_abbrev=False,  # a mistyped prefix such as --train.epoch must be an error
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file.")
     parser.add_class_arguments(Config, None, as_group=True)

@@ -78,3 +78,9 @@ def test_resolved_config_never_contains_secrets():
     written = str(config_to_dict(cfg))
     assert "s3cr3t" not in written and "AKIA1" not in written and "'t'" not in written
     assert "http://127.0.0.1:9000" in written
+
+
+def test_abbreviated_option_is_an_error_not_a_prefix_match(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--train.epoch", "2"])
+    assert "--train.epoch" in capsys.readouterr().err
