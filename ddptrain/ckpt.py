@@ -17,8 +17,20 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ddptrain.checkpoint import scan, verify as verify_dir
+from ddptrain.checkpoint import parse_step, scan, verify as verify_dir
 from ddptrain.storage import Storage
+
+
+def _open(ckpt_dir: str, name: Optional[str], storage_options: Optional[dict[str, Any]]
+          ) -> tuple[Storage, Optional[str]]:
+    """The checkpoint location and step name; CKPT_DIR may also be a step-* directory."""
+    base, _, last = ckpt_dir.rstrip("/").rpartition("/")
+    if name is None and parse_step(last) is not None and base:
+        ckpt_dir, name = base, last
+    storage = Storage(ckpt_dir, storage_options)
+    if not storage.exists():
+        raise SystemExit(f"{storage.describe()}: no such checkpoint location")
+    return storage, name
 
 
 def list_checkpoints(ckpt_dir: str, storage_options: Optional[dict[str, Any]] = None) -> None:
@@ -28,7 +40,7 @@ def list_checkpoints(ckpt_dir: str, storage_options: Optional[dict[str, Any]] = 
         ckpt_dir: Checkpoint location (local path or fsspec URL).
         storage_options: fsspec options, as for ckpt.storage_options.
     """
-    storage = Storage(ckpt_dir, storage_options)
+    storage, _ = _open(ckpt_dir, None, storage_options)
     for status in scan(storage):
         if status.complete:
             m = status.manifest
@@ -43,14 +55,16 @@ def verify(ckpt_dir: str, name: Optional[str] = None,
            storage_options: Optional[dict[str, Any]] = None) -> None:
     """Check a checkpoint against its manifest (default: the newest complete one).
 
-    Exits with status 1 when it is incomplete or when there is no complete checkpoint.
+    Checks that every file the manifest names exists with its size (a size check: a
+    same-size corruption is only found when loading). Exits with status 1 when the
+    checkpoint is incomplete or there is no complete checkpoint.
 
     Args:
-        ckpt_dir: Checkpoint location (local path or fsspec URL).
+        ckpt_dir: Checkpoint location (local path or fsspec URL), or a step-* directory.
         name: A step directory name such as step-00000120.
         storage_options: fsspec options, as for ckpt.storage_options.
     """
-    storage = Storage(ckpt_dir, storage_options)
+    storage, name = _open(ckpt_dir, name, storage_options)
     status = verify_dir(storage, name) if name else next(
         (s for s in scan(storage) if s.complete), None)
     if status is None or not status.complete:
@@ -66,12 +80,12 @@ def export(ckpt_dir: str, out: str, name: Optional[str] = None,
     """Write a checkpoint's model weights (a plain state dict) to OUT for inference.
 
     Args:
-        ckpt_dir: Checkpoint location (local path or fsspec URL).
+        ckpt_dir: Checkpoint location (local path or fsspec URL), or a step-* directory.
         out: Output file; load it with torch.load(out, weights_only=True).
         name: A step directory name (default: the newest complete checkpoint).
         storage_options: fsspec options, as for ckpt.storage_options.
     """
-    storage = Storage(ckpt_dir, storage_options)
+    storage, name = _open(ckpt_dir, name, storage_options)
     status = verify_dir(storage, name) if name else next(
         (s for s in scan(storage) if s.complete), None)
     if status is None or not status.complete:
@@ -91,7 +105,8 @@ def export(ckpt_dir: str, out: str, name: Optional[str] = None,
 def main() -> None:
     from jsonargparse import CLI
 
-    CLI({"list": list_checkpoints, "verify": verify, "export": export}, as_positional=True)
+    CLI({"list": list_checkpoints, "verify": verify, "export": export}, as_positional=True,
+        prog="python -m ddptrain.ckpt", env_prefix=None)
 
 
 if __name__ == "__main__":

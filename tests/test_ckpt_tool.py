@@ -33,6 +33,9 @@ def test_list_verify_export(tmp_path):
 
     assert '"step": 4' in tool("verify", ckpts).stdout
     assert tool("verify", ckpts, "--name", "step-00000009", check=False).returncode == 1
+    assert '"step": 2' in tool("verify", os.path.join(ckpts, "step-00000002")).stdout
+    missing = tool("list", str(tmp_path / "nowhere"), check=False)
+    assert missing.returncode == 1 and "no such checkpoint location" in missing.stderr
 
     out = str(tmp_path / "weights.pt")
     tool("export", ckpts, out)
