@@ -25,6 +25,8 @@ def test_list_verify_export(tmp_path):
     train(run_dir, "--train.max_steps", "4", "--ckpt.every_steps", "2", nproc=0)
     ckpts = os.path.join(run_dir, "checkpoints")
     os.makedirs(os.path.join(ckpts, "step-00000009"))
+    with open(os.path.join(ckpts, "step-00000009", "__0_0.distcp"), "wb") as f:
+        f.write(b"partial shard")
 
     lines = tool("list", ckpts).stdout.splitlines()
     assert lines[0].startswith("step-00000009  INCOMPLETE  no manifest.json")
