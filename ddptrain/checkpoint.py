@@ -157,7 +157,8 @@ class CheckpointManager:
     """Saves and finds checkpoints for one run; every method is called on all ranks."""
 
     def __init__(self, storage: Storage, info: dist.DistInfo, identity: dict[str, Any],
-                 keep_last: int, emit: Callable[..., None], thread_count: int = 1):
+                 keep_last: int, emit: Callable[..., None],
+                 thread_count: Optional[int] = None):
         self.storage = storage
         self.info = info
         self.identity = identity
@@ -269,20 +270,19 @@ class CheckpointManager:
 
     def _listed_as_written(self, name: str, written: dict[str, int]
                            ) -> tuple[dict[str, int], list[str]]:
-        """Listed sizes of the files DCP wrote (all listed files without a record of them,
-        leftovers such as ``*.tmp`` excluded) and what is missing or too short."""
+        """The listed files of a save (``*.tmp`` leftovers of DCP's .metadata rename
+        excluded) and which files DCP wrote are missing from the listing or shorter."""
+        wanted = {**written, ".metadata": 1}
         for attempt in range(LISTING_ATTEMPTS):
             if attempt:
                 time.sleep(0.5 * 2 ** (attempt - 1))  # an eventually consistent listing
-            listed = self.storage.file_sizes(name)
-            wanted = dict(written) or {f: 0 for f in listed
-                                       if f != MANIFEST_NAME and not f.endswith(".tmp")}
-            wanted.setdefault(".metadata", 1)
-            missing = [f"{f}: {listed[f] if f in listed else 'not'} listed, {size} written"
-                       for f, size in sorted(wanted.items()) if listed.get(f, -1) < size]
+            files = {f: size for f, size in self.storage.file_sizes(name).items()
+                     if f != MANIFEST_NAME and not f.endswith(".tmp")}
+            missing = [f"{f}: {files.get(f, 'not')} listed, {size} written"
+                       for f, size in sorted(wanted.items()) if files.get(f, -1) < size]
             if not missing:
                 break
-        return {f: listed[f] for f in wanted if f in listed}, missing
+        return files, missing
 
     # -- discovery + load ------------------------------------------------------------------
     @keeps_python_random

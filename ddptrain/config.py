@@ -148,9 +148,10 @@ class CkptConfig:
     endpoint_url, region, profile, key, secret, token, client_kwargs, config_kwargs
     (botocore: retries, timeouts), ... Unset: the standard AWS chain (environment, profile,
     instance role). Secret values are never logged or written to the run directory."""
-    thread_count: int = 1
-    """DCP writer threads per rank; each writes its own file, so on object stores this is
-    the number of parallel uploads per rank (the parts of one file go up in sequence)."""
+    thread_count: Optional[int] = None
+    """DCP writer threads per rank, each writing its own file. On object stores this is the
+    number of parallel uploads per rank (the parts of one file go up in sequence).
+    Default: 1 on local disk, 4 on object stores."""
     block_size_mb: int = 64
     """Part size in MiB of multipart uploads to s3:// (s3fs default_block_size, 5-5120):
     the size of one upload request and of the write buffer per file and thread."""
@@ -285,8 +286,8 @@ def validate(cfg: Config) -> None:
          "must be >= 0 (0 turns interval saves off)")
     need(cfg.ckpt.keep_last >= 1, "ckpt.keep_last", cfg.ckpt.keep_last,
          "must be >= 1 (the newest complete checkpoint is always kept)")
-    need(cfg.ckpt.thread_count >= 1, "ckpt.thread_count", cfg.ckpt.thread_count,
-         "must be >= 1")
+    need(cfg.ckpt.thread_count is None or cfg.ckpt.thread_count >= 1, "ckpt.thread_count",
+         cfg.ckpt.thread_count, "must be >= 1 or unset")
     need(5 <= cfg.ckpt.block_size_mb <= 5120, "ckpt.block_size_mb", cfg.ckpt.block_size_mb,
          "must be between 5 and 5120 (S3's part size limits)")
     need(cfg.log.every_steps >= 1, "log.every_steps", cfg.log.every_steps, "must be >= 1")

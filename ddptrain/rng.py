@@ -22,7 +22,9 @@ def keeps_python_random(function: F) -> F:
     """Restore Python's global ``random`` state after ``function``.
 
     Storage libraries draw from it (botocore's retry jitter), so without this a retried
-    request during a save would change the training's random stream.
+    request during a save would change the training's random stream. TODO: a save
+    running in a background thread (async checkpointing) draws from the same generator
+    while training runs; that needs botocore's jitter moved to a private ``Random``.
     """
     @functools.wraps(function)
     def wrapper(*args, **kwargs):

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("s3fs")
 
 STEPS = (10, 20, 22, 30, 40, 44, 50, 60, 66)
-FILES = {"__0_0.distcp", "__1_0.distcp", ".metadata", "manifest.json"}
+#: One file per rank and writer thread (4 threads on object stores by default).
+FILES = {f"__{rank}_{thread}.distcp" for rank in (0, 1) for thread in range(4)} | {
+    ".metadata", "manifest.json"}
 FAST_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 2}}}
 
 

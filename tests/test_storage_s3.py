@@ -144,13 +144,16 @@ def storage(request) -> Storage:
     return Storage(f"memory://commit/{uuid.uuid4().hex}")
 
 
-def test_commit_names_exactly_the_files_dcp_wrote(storage, info):
+def test_leftovers_of_the_same_step_are_cleared_before_the_save(storage, info):
     storage.fs.pipe_file(storage.path("step-00000002", ".metadata.tmp"), b"leftover")
     storage.fs.pipe_file(storage.path("step-00000002", "__7_0.distcp"), b"stale")
-    # a leftover directory of this step is cleared before the save writes into it
     assert save(manager(storage, info), 2, torch.arange(10.0))
     manifest = verify(storage, "step-00000002").manifest
-    assert sorted(manifest.files) == [".metadata", "__0_0.distcp"]
+    # one file per writer thread (4 on object stores; the state has one tensor, so three
+    # are empty), every one named in the manifest
+    assert sorted(manifest.files) == [".metadata"] + [f"__0_{t}.distcp" for t in range(4)]
+    assert manifest.files == {k: v for k, v in storage.file_sizes("step-00000002").items()
+                              if k != "manifest.json"}
 
 
 def test_upload_shorter_than_written_is_never_committed(storage, info, monkeypatch):
