@@ -7,7 +7,9 @@ Layout under ``ckpt.dir`` (local path or fsspec URL)::
 1. A new directory per save, named by the zero-padded global step.
 2. Every rank calls DCP save into it; DCP writes ``.metadata`` after all shards.
 3. Rank 0 then writes ``manifest.json`` last (JSON, atomically): the commit marker. It
-   names every file of the checkpoint with its byte size.
+   names every file of the checkpoint with its byte size. An async save (``save_async``)
+   stages the state, returns, and is committed by ``poll``/``wait`` once its background
+   write has finished on every rank; at most one is in flight (see ddptrain.async_save).
 4. Complete = the manifest parses and every file it names exists with that size.
 5. Discovery runs on rank 0 and the choice is broadcast, so all ranks load the same step.
 6. If loading fails on any rank, all ranks agree, log it and try the next older one;
@@ -21,9 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
@@ -33,6 +33,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ddptrain import __version__, dist
+from ddptrain.async_save import AsyncSaver, InFlightSave, wait_quietly
+from ddptrain.faults import maybe_inject_fault, save_planner
 from ddptrain.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,6 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 STEP_DIR_PATTERN = re.compile(r"^step-(\d+)$")
-#: Test-only fault injection: "kill_before_manifest@STEP" SIGKILLs every rank after the
-#: shards and .metadata of that step's save are written but before the manifest.
-FAULT_ENV = "DDPTRAIN_TEST_FAULT"
 
 
 class CheckpointError(RuntimeError):
@@ -132,6 +131,17 @@ def scan(storage: Storage) -> list[CheckpointStatus]:
     return [verify(storage, n) for n in names]
 
 
+def error_text(error: Optional[BaseException], default: str = "unknown error") -> str:
+    """One line per failed rank for DCP's CheckpointException (whose str() is a wall of
+    tracebacks); ``type: message`` for anything else."""
+    if error is None:
+        return default
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}"
+                         for rank, (exc, _) in sorted(error.failures.items()))[:1000]
+    return f"{type(error).__name__}: {error}"[:1000]
+
+
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}"
@@ -142,52 +152,158 @@ class CheckpointManager:
     """Saves and finds checkpoints for one run; every method is called on all ranks."""
 
     def __init__(self, storage: Storage, info: dist.DistInfo, identity: dict[str, Any],
-                 keep_last: int, emit: Callable[..., None], thread_count: int = 1):
+                 keep_last: int, emit: Callable[..., None], thread_count: int = 1,
+                 async_mode: str = "off", cache_staging: bool = True):
         self.storage = storage
         self.info = info
         self.identity = identity
         self.keep_last = keep_last
         self.emit = emit
         self.thread_count = thread_count
+        self.async_saver = (AsyncSaver(async_mode, info.device, cache_staging)
+                            if async_mode != "off" else None)
+        self._in_flight: Optional[InFlightSave] = None
+        self._last_async: Optional[tuple[int, bool]] = None  # (step, committed here)
 
     # -- save + commit ---------------------------------------------------------------------
     def save(self, state: dict[str, Any], *, step: int, epoch: int, samples_seen: int,
              global_batch_size: int, reason: str) -> bool:
         """Write and commit a checkpoint of ``state``; True once it is complete.
 
-        Raises CheckpointError when the save failed on any rank (nothing is committed).
-        Returns False without writing when a complete checkpoint of this step exists.
+        Waits for an async save in flight first. Raises CheckpointError when the save
+        failed on any rank (nothing is committed). Returns False without writing when a
+        complete checkpoint of this step exists.
         """
+        self.wait()
         name = step_dirname(step)
         started = time.monotonic()
-        if not dist.broadcast_object(self._prepare_dir(name) if self.info.is_main else None):
+        if not self._claim_dir(name):
             return False
 
         error = None
         try:
-            dcp.save(state, storage_writer=self.storage.dcp_writer(name, self.thread_count))
+            dcp.save(state, storage_writer=self.storage.dcp_writer(name, self.thread_count),
+                     planner=save_planner(step))
         except (Exception, CheckpointException) as exc:  # agreed on below; reported
             error = exc
         if dist.any_rank(error is not None):
             raise CheckpointError(f"saving {self.storage.describe(name)} failed: "
-                                  f"{self.storage.scrub(str(error or 'on another rank'))}")
-        _maybe_inject_fault("kill_before_manifest", step)
+                                  f"{self.storage.scrub(error_text(error, 'on a peer'))}")
+        maybe_inject_fault("kill_before_manifest", step)
 
-        manifest = Manifest(step=step, epoch=epoch, samples_seen=samples_seen,
-                            world_size=self.info.world_size,
-                            global_batch_size=global_batch_size, identity=self.identity,
-                            reason=reason, files={})
+        manifest = self._manifest(step, epoch, samples_seen, global_batch_size, reason)
         error = self._commit(name, manifest) if self.info.is_main else None
         if dist.any_rank(error is not None):
             raise CheckpointError(f"committing {self.storage.describe(name)} failed: "
                                   f"{error or 'on rank 0'}")
-        seconds = time.monotonic() - started
+        self._report_commit(name, manifest, started, mode="sync")
+        return True
+
+    def save_async(self, state: dict[str, Any], *, step: int, epoch: int, samples_seen: int,
+                   global_batch_size: int, reason: str) -> bool:
+        """Stage ``state`` and write it in the background; return as soon as it is staged.
+
+        Waits for the previous async save first (one in flight at most). The checkpoint is
+        committed by :meth:`poll` or :meth:`wait` after its background write has finished
+        on every rank; a background failure is reported there and never committed. Raises
+        CheckpointError when staging or starting the write failed on any rank. Returns
+        False without writing when a complete checkpoint of this step exists.
+        """
+        assert self.async_saver is not None, "save_async needs ckpt.async_mode on"
+        started = time.monotonic()
+        self.wait()
+        waited = time.monotonic() - started
+        name = step_dirname(step)
+        if not self._claim_dir(name):
+            return False
+
+        future, stager, failed, error = self.async_saver.start(
+            state, lambda: self.storage.dcp_writer(name, self.thread_count),
+            save_planner(step))
+        if failed:
+            reason_text = self.storage.scrub(error_text(error, "on a peer"))
+            raise CheckpointError(f"starting the save of {self.storage.describe(name)} "
+                                  f"failed: {reason_text}")
+
+        manifest = self._manifest(step, epoch, samples_seen, global_batch_size, reason)
+        self._in_flight = InFlightSave(name, manifest, future, started, stager)
+        self._last_async = None
+        self.emit("checkpoint_started", step=step, reason=reason,
+                  stall_s=round(time.monotonic() - started, 4), waited_s=round(waited, 4),
+                  mode=self.async_saver.mode, location=self.storage.describe(name))
+        return True
+
+    def poll(self) -> None:
+        """Commit the async save in flight if its background write has finished. No
+        collective: DCP completes the write on every rank only once all ranks' shards and
+        ``.metadata`` are written (see ddptrain.async_save)."""
+        if self._in_flight is not None and self._in_flight.future.done():
+            self._finish_in_flight()
+
+    def wait(self) -> Optional[int]:
+        """Block until the async save in flight (if any) is committed or has failed.
+
+        Collective. Returns the step of the last async save if it committed on every rank,
+        else None (also when there was none).
+        """
+        if self.async_saver is None:
+            return None
+        if self._in_flight is not None:
+            wait_quietly(self._in_flight.future)
+            self._finish_in_flight()
+        step, ok = self._last_async or (None, True)
+        failed = dist.any_rank(not ok)
+        return None if failed else step
+
+    def _finish_in_flight(self) -> None:
+        """This rank's end of an async save: rank 0 commits it if it succeeded."""
+        flight, self._in_flight = self._in_flight, None
+        step = flight.manifest.step
+        error = flight.future.exception()
+        if flight.stager is not None:
+            flight.stager.close()
+        if error is None:
+            maybe_inject_fault("kill_before_manifest", step)
+            if self.info.is_main:
+                error = self._commit(flight.name, flight.manifest)
+        self._last_async = (step, error is None)
+        if error is None:
+            self._report_commit(flight.name, flight.manifest, flight.started,
+                                mode=self.async_saver.mode)
+            return
+        self.emit("checkpoint_failed", level=logging.ERROR, step=step,
+                  reason=flight.manifest.reason,
+                  message=f"background save of {self.storage.describe(flight.name)} "
+                          f"failed, not committed: {self.storage.scrub(error_text(error))}")
+
+    def close(self) -> None:
+        """Release staging buffers; an async save still in flight is never committed."""
+        if self._in_flight is not None:
+            log.warning("abandoning the uncommitted async save of %s",
+                        self.storage.describe(self._in_flight.name))
+            self._in_flight = None
+        if self.async_saver is not None:
+            self.async_saver.close()
+
+    def _claim_dir(self, name: str) -> bool:
+        """All ranks: rank 0's verdict whether a save into ``name`` should go ahead."""
+        return dist.broadcast_object(self._prepare_dir(name) if self.info.is_main else None)
+
+    def _manifest(self, step: int, epoch: int, samples_seen: int, global_batch_size: int,
+                  reason: str) -> Manifest:
+        return Manifest(step=step, epoch=epoch, samples_seen=samples_seen,
+                        world_size=self.info.world_size,
+                        global_batch_size=global_batch_size, identity=self.identity,
+                        reason=reason, files={})
+
+    def _report_commit(self, name: str, manifest: Manifest, started: float,
+                       mode: str) -> None:
         size = sum(manifest.files.values()) if self.info.is_main else None
-        self.emit("checkpoint_committed", step=step, reason=reason, seconds=round(seconds, 3),
-                  bytes=size, location=self.storage.describe(name))
+        self.emit("checkpoint_committed", step=manifest.step, reason=manifest.reason,
+                  seconds=round(time.monotonic() - started, 3), bytes=size, mode=mode,
+                  location=self.storage.describe(name))
         if self.info.is_main:
             self.prune()
-        return True
 
     def _prepare_dir(self, name: str) -> bool:
         """Rank 0: False if a complete checkpoint of this step exists; removes leftovers."""
@@ -282,10 +398,3 @@ class CheckpointManager:
             except Exception as exc:
                 log.warning("retention: could not remove %s: %s",
                             self.storage.describe(status.name), self.storage.scrub(str(exc)))
-
-
-def _maybe_inject_fault(point: str, step: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"{point}@{step}":
-        log.error("test fault %s@%d: killing this process", point, step)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -132,6 +132,16 @@ class CkptConfig:
     key, secret, ...). Secrets are never logged or written to the run directory."""
     thread_count: int = 1
     """DCP writer threads per rank."""
+    async_mode: Literal["off", "thread", "process"] = "off"
+    """Write interval and epoch-end checkpoints in the background. The state is copied to
+    host memory before training continues (the stall), then written by a thread or by a
+    helper process per rank (process: no GIL contention with training, costs a process
+    and shared memory); a save is committed when every rank has finished writing it. At
+    most one is in flight: the next save, a stop and the end of training wait for it.
+    Final and preemption checkpoints are always written synchronously."""
+    cache_staging: bool = True
+    """With ckpt.async_mode: keep the host staging buffers between saves (holds one copy
+    of the model+optimizer state in host RAM; saves reallocating it at every save)."""
 
 
 @dataclass

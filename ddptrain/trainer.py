@@ -27,7 +27,7 @@ from ddptrain.checkpoint import CheckpointError, CheckpointManager, Manifest
 from ddptrain.config import Config, config_to_dict
 from ddptrain.data import (ResumableSampler, ShardSampler, build_datasets, make_loader,
                            resolve_kind)
-from ddptrain.metrics import RunLogger, SampleRecorder
+from ddptrain.metrics import RunLogger, SampleRecorder, seconds_since_process_start
 from ddptrain.model import build_model, input_channels
 from ddptrain.optim import build_optimizer, build_scheduler
 from ddptrain.preemption import StopRequest
@@ -75,7 +75,9 @@ class Trainer:
         self.samples = SampleRecorder(cfg.run.dir, info.rank, cfg.log.sample_ids)
         self.ckpt = CheckpointManager(self.storage, info, self.run_identity(),
                                       cfg.ckpt.keep_last, self.logger.event,
-                                      cfg.ckpt.thread_count)
+                                      cfg.ckpt.thread_count, cfg.ckpt.async_mode,
+                                      cfg.ckpt.cache_staging)
+        self.first_step_pending = True
         self.stop = StopRequest()
 
     # -- construction ----------------------------------------------------------------------
@@ -157,6 +159,7 @@ class Trainer:
         return ExitCode.FINISHED
 
     def stop_for_preemption(self) -> ExitCode:
+        self.wait_for_async_save()
         if self.saved_step != self.step:
             self.save("preempt")
         waited = self.stop.seconds_since_request()
@@ -173,6 +176,7 @@ class Trainer:
                                             else ExitCode.PREEMPTED)}, f)
 
     def close(self) -> None:
+        self.ckpt.close()
         self.stop.restore()
         self.samples.close()
         self.logger.close()
@@ -202,6 +206,10 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self, micro_batches: list, data_wait: float) -> None:
+        if self.first_step_pending:  # time to first step, for benchmarks and reports
+            self.first_step_pending = False
+            self.logger.event("first_step", step=self.step + 1,
+                              since_process_start_s=round(seconds_since_process_start(), 3))
         started = time.perf_counter()
         self.ddp.train()
         lr = self.scheduler.get_last_lr()[0]
@@ -295,6 +303,7 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def maybe_save(self, epoch_end: bool) -> None:
+        self.ckpt.poll()  # commit a finished async save
         every = self.cfg.ckpt.every_steps
         if self.step >= self.total_steps:
             return  # finish() writes the final checkpoint
@@ -304,12 +313,15 @@ class Trainer:
             self.save("interval")
 
     def save(self, reason: str) -> None:
+        """Checkpoint now. Interval and epoch saves are async when ckpt.async_mode is on;
+        final and preemption saves are synchronous (and wait for an async one first)."""
         self.sync_buffers()
+        background = self.ckpt.async_saver is not None and reason in ("interval", "epoch")
+        save = self.ckpt.save_async if background else self.ckpt.save
         try:
-            self.ckpt.save(self.state_dict(), step=self.step,
-                           epoch=self.step // self.steps_per_epoch,
-                           samples_seen=self.step * self.cfg.train.global_batch_size,
-                           global_batch_size=self.cfg.train.global_batch_size, reason=reason)
+            save(self.state_dict(), step=self.step, epoch=self.step // self.steps_per_epoch,
+                 samples_seen=self.step * self.cfg.train.global_batch_size,
+                 global_batch_size=self.cfg.train.global_batch_size, reason=reason)
         except CheckpointError as exc:
             if reason in ("final", "preempt"):
                 raise
@@ -317,7 +329,14 @@ class Trainer:
             self.logger.event("checkpoint_failed", level=logging.ERROR, step=self.step,
                               reason=reason, message=str(exc))
             return
-        self.saved_step = self.step
+        if not background:  # an async save counts once committed: wait_for_async_save
+            self.saved_step = self.step
+
+    def wait_for_async_save(self) -> None:
+        """Let the async save in flight (if any) finish and commit (collective)."""
+        committed = self.ckpt.wait()
+        if committed is not None:
+            self.saved_step = committed
 
     def state_dict(self, include_rng: bool = True) -> dict[str, Any]:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)

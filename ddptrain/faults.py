@@ -1,0 +1,65 @@
+"""Test-only fault injection for the checkpoint path, switched on by one environment
+variable: ``DDPTRAIN_TEST_FAULT=POINT@STEP``. Unset (always, outside tests) it does nothing.
+
+Points:
+
+* ``kill_before_manifest``: SIGKILL every rank after the shards and ``.metadata`` of that
+  step's save are written but before the manifest (for an async save: when its
+  background write has finished, while training has moved on).
+* ``delay_save``: that step's write starts :data:`TEST_DELAY_S` late (in the background
+  for an async save, so training runs on while the save is pending).
+* ``fail_save``: that step's write fails on the last rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "DDPTRAIN_TEST_FAULT"
+TEST_DELAY_S = 3.0
+
+
+class TestFaultPlanner(DefaultSavePlanner):
+    """DCP's default planner plus the delay_save / fail_save faults.
+
+    ``finish_plan`` runs where the write runs (the background thread or process for an
+    async save), just before this rank writes its shards. Module-level so that it can be
+    pickled to DCP's writer process.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, fault: str):
+        super().__init__()
+        self.fault = fault
+
+    def finish_plan(self, new_plan):
+        if self.fault == "delay_save":
+            time.sleep(TEST_DELAY_S)
+        last_rank = int(os.environ.get("WORLD_SIZE", "1")) - 1
+        if self.fault == "fail_save" and int(os.environ.get("RANK", "0")) == last_rank:
+            raise RuntimeError("test fault fail_save: this rank's write failed")
+        return super().finish_plan(new_plan)
+
+
+def save_planner(step: int) -> DefaultSavePlanner:
+    """The planner for the save of ``step``: DCP's default unless a fault targets it."""
+    for fault in ("delay_save", "fail_save"):
+        if os.environ.get(FAULT_ENV) == f"{fault}@{step}":
+            return TestFaultPlanner(fault)
+    return DefaultSavePlanner()
+
+
+def maybe_inject_fault(point: str, step: int) -> None:
+    """SIGKILL this process when ``point@step`` is the configured fault."""
+    if os.environ.get(FAULT_ENV) == f"{point}@{step}":
+        log.error("test fault %s@%d: killing this process", point, step)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
