@@ -21,6 +21,7 @@ Layout under ``ckpt.dir`` (local path or fsspec URL)::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -33,7 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ddptrain import __version__, dist
-from ddptrain.async_save import AsyncSaver, InFlightSave, wait_quietly
+from ddptrain.async_save import AsyncSaver, InFlightSave, SaveJob
 from ddptrain.faults import maybe_inject_fault, save_planner
 from ddptrain.storage import Storage
 
@@ -132,14 +133,18 @@ def scan(storage: Storage) -> list[CheckpointStatus]:
 
 
 def error_text(error: Optional[BaseException], default: str = "unknown error") -> str:
-    """One line per failed rank for DCP's CheckpointException (whose str() is a wall of
-    tracebacks); ``type: message`` for anything else."""
+    """``type: message``, for DCP's CheckpointException one per failed rank."""
     if error is None:
         return default
     if isinstance(error, CheckpointException):
         return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}"
                          for rank, (exc, _) in sorted(error.failures.items()))[:1000]
     return f"{type(error).__name__}: {error}"[:1000]
+
+
+def _collect(notes: list) -> Callable[..., None]:
+    """An ``emit`` that keeps events in ``notes`` (for threads that must not log)."""
+    return lambda *args, **kwargs: notes.append((args, kwargs))
 
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -174,7 +179,7 @@ class CheckpointManager:
         failed on any rank (nothing is committed). Returns False without writing when a
         complete checkpoint of this step exists.
         """
-        self.wait()
+        self._wait_in_flight()
         name = step_dirname(step)
         started = time.monotonic()
         if not self._claim_dir(name):
@@ -199,89 +204,98 @@ class CheckpointManager:
         self._report_commit(name, manifest, started, mode="sync")
         return True
 
-    def save_async(self, state: dict[str, Any], *, step: int, epoch: int, samples_seen: int,
-                   global_batch_size: int, reason: str) -> bool:
-        """Stage ``state`` and write it in the background; return as soon as it is staged.
-
-        Waits for the previous async save first (one in flight at most). The checkpoint is
-        committed by :meth:`poll` or :meth:`wait` after its background write has finished
-        on every rank; a background failure is reported there and never committed. Raises
-        CheckpointError when staging or starting the write failed on any rank. Returns
-        False without writing when a complete checkpoint of this step exists.
-        """
+    def save_async(self, build_state: Callable[[], dict[str, Any]], *, step: int,
+                   epoch: int, samples_seen: int, global_batch_size: int,
+                   reason: str) -> None:
+        """Save in the background once the previous async save has finished (no wait
+        otherwise). ``build_state()`` runs in the background and must return the state as
+        of now: the caller snapshots what changes before its next optimizer step and calls
+        :meth:`wait_for_staging` before that step. :meth:`poll`/:meth:`wait` commit."""
         assert self.async_saver is not None, "save_async needs ckpt.async_mode on"
         started = time.monotonic()
-        self.wait()
+        self._wait_in_flight()
         waited = time.monotonic() - started
         name = step_dirname(step)
-        if not self._claim_dir(name):
-            return False
-
-        future, stager, failed, error = self.async_saver.start(
-            state, lambda: self.storage.dcp_writer(name, self.thread_count),
-            save_planner(step))
-        if failed:
-            reason_text = self.storage.scrub(error_text(error, "on a peer"))
-            raise CheckpointError(f"starting the save of {self.storage.describe(name)} "
-                                  f"failed: {reason_text}")
-
-        manifest = self._manifest(step, epoch, samples_seen, global_batch_size, reason)
-        self._in_flight = InFlightSave(name, manifest, future, started, stager)
-        self._last_async = None
+        flight = InFlightSave(name, self._manifest(step, epoch, samples_seen,
+                                                   global_batch_size, reason),
+                              write=None, started=started)
+        # Rank 0 claims the directory in the launcher thread; its events are kept for later.
+        claim = (functools.partial(self._prepare_dir, name, emit=_collect(flight.notes))
+                 if self.info.is_main else None)
+        flight.write = self.async_saver.start(SaveJob(
+            build_state, lambda: self.storage.dcp_writer(name, self.thread_count),
+            save_planner(step), claim))
+        flight.call_s = time.monotonic() - started
+        self._in_flight, self._last_async = flight, None
         self.emit("checkpoint_started", step=step, reason=reason,
-                  stall_s=round(time.monotonic() - started, 4), waited_s=round(waited, 4),
+                  call_s=round(flight.call_s, 4), waited_s=round(waited, 4),
                   mode=self.async_saver.mode, location=self.storage.describe(name))
-        return True
+
+    @property
+    def in_flight(self) -> Optional[InFlightSave]:
+        """The async save in flight (read-only; for reports and benchmarks)."""
+        return self._in_flight
+
+    def wait_for_staging(self) -> None:
+        """Block until the async save in flight has copied the state; call it before the
+        optimizer step (anything that changes parameters or optimizer state)."""
+        flight = self._in_flight
+        if flight is None or flight.staging_wait_s is not None:
+            return
+        waited_from = time.monotonic()
+        flight.write.staged.result()
+        flight.staging_wait_s = time.monotonic() - waited_from
 
     def poll(self) -> None:
         """Commit the async save in flight if its background write has finished. No
         collective: DCP completes the write on every rank only once all ranks' shards and
         ``.metadata`` are written (see ddptrain.async_save)."""
-        if self._in_flight is not None and self._in_flight.future.done():
+        if self._in_flight is not None and self._in_flight.write.done.done():
             self._finish_in_flight()
 
     def wait(self) -> Optional[int]:
-        """Block until the async save in flight (if any) is committed or has failed.
-
-        Collective. Returns the step of the last async save if it committed on every rank,
-        else None (also when there was none).
-        """
+        """Collective: let the async save in flight finish and commit (or fail). Returns
+        the step of the last async save if it committed on every rank, else None."""
         if self.async_saver is None:
             return None
-        if self._in_flight is not None:
-            wait_quietly(self._in_flight.future)
-            self._finish_in_flight()
+        self._wait_in_flight()
         step, ok = self._last_async or (None, True)
         failed = dist.any_rank(not ok)
         return None if failed else step
 
+    def _wait_in_flight(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.write.done.result()
+            self._finish_in_flight()
+
     def _finish_in_flight(self) -> None:
-        """This rank's end of an async save: rank 0 commits it if it succeeded."""
+        """This rank's end of an async save: rank 0 commits it if it was written."""
         flight, self._in_flight = self._in_flight, None
-        step = flight.manifest.step
-        error = flight.future.exception()
-        if flight.stager is not None:
-            flight.stager.close()
-        if error is None:
+        step, outcome = flight.manifest.step, flight.write.done.result()
+        for args, kwargs in flight.notes:
+            self.emit(*args, **kwargs)
+        error = outcome.error
+        if outcome.status == "written":
             maybe_inject_fault("kill_before_manifest", step)
             if self.info.is_main:
                 error = self._commit(flight.name, flight.manifest)
-        self._last_async = (step, error is None)
-        if error is None:
+        self._last_async = (step, outcome.status != "failed" and error is None)
+        if outcome.status == "written" and error is None:
+            stall = flight.call_s + (flight.staging_wait_s or 0.0)
             self._report_commit(flight.name, flight.manifest, flight.started,
-                                mode=self.async_saver.mode)
-            return
-        self.emit("checkpoint_failed", level=logging.ERROR, step=step,
-                  reason=flight.manifest.reason,
-                  message=f"background save of {self.storage.describe(flight.name)} "
-                          f"failed, not committed: {self.storage.scrub(error_text(error))}")
+                                mode=self.async_saver.mode, stall_s=round(stall, 4))
+        elif not self._last_async[1]:
+            self.emit("checkpoint_failed", level=logging.ERROR, step=step,
+                      reason=flight.manifest.reason,
+                      message=f"background save of {self.storage.describe(flight.name)} "
+                              f"failed, not committed: "
+                              f"{self.storage.scrub(error_text(error, 'on a peer'))}")
 
     def close(self) -> None:
         """Release staging buffers; an async save still in flight is never committed."""
         if self._in_flight is not None:
             log.warning("abandoning the uncommitted async save of %s",
                         self.storage.describe(self._in_flight.name))
-            self._in_flight = None
         if self.async_saver is not None:
             self.async_saver.close()
 
@@ -296,27 +310,29 @@ class CheckpointManager:
                         global_batch_size=global_batch_size, identity=self.identity,
                         reason=reason, files={})
 
-    def _report_commit(self, name: str, manifest: Manifest, started: float,
-                       mode: str) -> None:
+    def _report_commit(self, name: str, manifest: Manifest, started: float, mode: str,
+                       stall_s: Optional[float] = None) -> None:
         size = sum(manifest.files.values()) if self.info.is_main else None
         self.emit("checkpoint_committed", step=manifest.step, reason=manifest.reason,
                   seconds=round(time.monotonic() - started, 3), bytes=size, mode=mode,
+                  stall_s=stall_s,  # async: save call + staging fence
                   location=self.storage.describe(name))
         if self.info.is_main:
             self.prune()
 
-    def _prepare_dir(self, name: str) -> bool:
+    def _prepare_dir(self, name: str, emit: Optional[Callable[..., None]] = None) -> bool:
         """Rank 0: False if a complete checkpoint of this step exists; removes leftovers."""
+        emit = emit or self.emit
         if not self.storage.exists(name):
             return True
         status = verify(self.storage, name)
         if status.complete:
-            self.emit("checkpoint_exists", step=status.step, level=logging.WARNING,
+            emit("checkpoint_exists", step=status.step, level=logging.WARNING,
                       message=f"{self.storage.describe(name)} is already complete; "
                               "not overwriting it")
             return False
         # A directory of this step without a commit is the leftover of a crashed attempt.
-        self.emit("removed_incomplete", level=logging.WARNING, step=status.step,
+        emit("removed_incomplete", level=logging.WARNING, step=status.step,
                   location=self.storage.describe(name), problem=status.problem)
         self.storage.delete_tree(name)
         return True

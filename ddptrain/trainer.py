@@ -8,13 +8,15 @@ size, CPU).
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import os
 import time
 from contextlib import nullcontext
 from enum import IntEnum
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -242,6 +244,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _optimizer_step(self) -> None:
+        self.ckpt.wait_for_staging()  # an async save may still be copying the weights
         if self.cfg.train.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip_norm)
@@ -297,9 +300,16 @@ class Trainer:
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), as DDP's next forward
         would, so what DCP writes once under a shared key is the same on all ranks."""
-        if self.info.world_size > 1:
-            for buffer in self.module.buffers():
-                torch_dist.broadcast(buffer, src=0)
+        if self.info.world_size == 1:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in self.module.buffers():
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        for buffers in by_dtype.values():  # one broadcast per dtype, not one per buffer
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            torch_dist.broadcast(flat, src=0)
+            for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+                buffer.copy_(part.view_as(buffer))
 
     # -- checkpoints -----------------------------------------------------------------------
     def maybe_save(self, epoch_end: bool) -> None:
@@ -316,12 +326,15 @@ class Trainer:
         """Checkpoint now. Interval and epoch saves are async when ckpt.async_mode is on;
         final and preemption saves are synchronous (and wait for an async one first)."""
         self.sync_buffers()
-        background = self.ckpt.async_saver is not None and reason in ("interval", "epoch")
-        save = self.ckpt.save_async if background else self.ckpt.save
+        progress = dict(step=self.step, epoch=self.step // self.steps_per_epoch,
+                        samples_seen=self.step * self.cfg.train.global_batch_size,
+                        global_batch_size=self.cfg.train.global_batch_size, reason=reason)
+        if self.ckpt.async_saver is not None and reason in ("interval", "epoch"):
+            # An async save counts as saved once committed (see wait_for_async_save).
+            self.ckpt.save_async(self._async_state_builder(), **progress)
+            return
         try:
-            save(self.state_dict(), step=self.step, epoch=self.step // self.steps_per_epoch,
-                 samples_seen=self.step * self.cfg.train.global_batch_size,
-                 global_batch_size=self.cfg.train.global_batch_size, reason=reason)
+            self.ckpt.save(self.state_dict(), **progress)
         except CheckpointError as exc:
             if reason in ("final", "preempt"):
                 raise
@@ -329,8 +342,7 @@ class Trainer:
             self.logger.event("checkpoint_failed", level=logging.ERROR, step=self.step,
                               reason=reason, message=str(exc))
             return
-        if not background:  # an async save counts once committed: wait_for_async_save
-            self.saved_step = self.step
+        self.saved_step = self.step
 
     def wait_for_async_save(self) -> None:
         """Let the async save in flight (if any) finish and commit (collective)."""
@@ -339,15 +351,38 @@ class Trainer:
             self.saved_step = committed
 
     def state_dict(self, include_rng: bool = True) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        state = {"model": model_state, "optim": optim_state,
-                 "scheduler": self.scheduler.state_dict(),
+        return self._add_weights(self._volatile_state(include_rng))
+
+    def _volatile_state(self, include_rng: bool = True) -> dict[str, Any]:
+        """Copies of the state that changes before the next optimizer step: buffers
+        (BatchNorm statistics change in every forward), scheduler, scaler, progress, RNG."""
+        state = {"buffers": {n: b.detach().clone() for n, b in self.module.named_buffers()},
+                 "scheduler": copy.deepcopy(self.scheduler.state_dict()),
                  "scaler": self.scaler.state_dict(),
                  "progress": {"step": self.step,
                               "samples_seen": self.step * self.cfg.train.global_batch_size}}
         if include_rng:
             state[f"rng/rank{self.info.rank}"] = rng.capture(self.device)
         return state
+
+    def _add_weights(self, volatile: dict[str, Any]) -> dict[str, Any]:
+        """The full state: ``volatile`` plus parameters and optimizer state (which change
+        only in the optimizer step), keyed by parameter name."""
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        buffers = volatile["buffers"]
+        rest = {k: v for k, v in volatile.items() if k != "buffers"}
+        return {"model": {k: buffers.get(k, v) for k, v in model_state.items()},
+                "optim": optim_state, **rest}
+
+    def _async_state_builder(self) -> Callable[[], dict[str, Any]]:
+        """For an async save: snapshot the volatile state now; parameters and optimizer
+        state are read in the background before this rank's next optimizer step, which
+        waits for them (CheckpointManager.wait_for_staging)."""
+        volatile = self._volatile_state()
+        if not self.optimizer.state:  # get_state_dict would initialise it with a step
+            state = self._add_weights(volatile)
+            return lambda: state
+        return functools.partial(self._add_weights, volatile)
 
     def resume(self) -> None:
         found = self.ckpt.load_latest(self._state_to_load)
