@@ -8,8 +8,8 @@ Layout under ``ckpt.dir`` (local path or fsspec URL)::
 2. Every rank calls DCP save into it; DCP writes ``.metadata`` after all shards.
 3. Rank 0 then writes ``manifest.json`` last (JSON, atomically): the commit marker. It
    names every file of the checkpoint with its byte size. An async save (``save_async``)
-   stages the state, returns, and is committed by ``poll``/``wait`` once its background
-   write has finished on every rank; at most one is in flight (see ddptrain.async_save).
+   returns at once and is committed by ``poll``/``wait`` once its background write has
+   finished on every rank; at most one is in flight (see ddptrain.async_save).
 4. Complete = the manifest parses and every file it names exists with that size.
 5. Discovery runs on rank 0 and the choice is broadcast, so all ranks load the same step.
 6. If loading fails on any rank, all ranks agree, log it and try the next older one;
@@ -22,27 +22,29 @@ Layout under ``ckpt.dir`` (local path or fsspec URL)::
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import re
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
 from typing import Any, Callable, Optional
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ddptrain import __version__, dist
+from ddptrain import dist
 from ddptrain.async_save import AsyncSaver, InFlightSave, SaveJob
 from ddptrain.faults import maybe_inject_fault, save_planner
+from ddptrain.manifest import (FORMAT_VERSION, MANIFEST_NAME, STEP_DIR_PATTERN,
+                               CheckpointStatus, Manifest, identity_differences,
+                               parse_step, scan, step_dirname, verify)
 from ddptrain.storage import Storage
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
-STEP_DIR_PATTERN = re.compile(r"^step-(\d+)$")
+#: The on-disk contract lives in ddptrain.manifest; its names are re-exported here.
+__all__ = ["CheckpointError", "CheckpointManager", "CheckpointStatus", "FORMAT_VERSION",
+           "MANIFEST_NAME", "Manifest", "RunIdentityMismatch", "STEP_DIR_PATTERN",
+           "error_text", "identity_differences", "parse_step", "scan", "step_dirname",
+           "verify"]
 
 
 class CheckpointError(RuntimeError):
@@ -51,85 +53,6 @@ class CheckpointError(RuntimeError):
 
 class RunIdentityMismatch(CheckpointError):
     """The checkpoint directory belongs to a different run."""
-
-
-def step_dirname(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def parse_step(name: str) -> Optional[int]:
-    match = STEP_DIR_PATTERN.match(name)
-    return int(match.group(1)) if match else None
-
-
-@dataclass
-class Manifest:
-    step: int
-    epoch: int
-    samples_seen: int
-    world_size: int
-    global_batch_size: int
-    identity: dict[str, Any]
-    reason: str
-    files: dict[str, int]
-    format_version: int = FORMAT_VERSION
-    torch_version: str = torch.__version__
-    ddptrain_version: str = __version__
-    created_unix: float = field(default_factory=time.time)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> "Manifest":
-        data = json.loads(text)
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported manifest format {data.get('format_version')!r}")
-        return cls(**data)
-
-
-@dataclass
-class CheckpointStatus:
-    """What discovery found in one ``step-*`` directory."""
-
-    name: str
-    step: int
-    manifest: Optional[Manifest]
-    problem: str = ""
-
-    @property
-    def complete(self) -> bool:
-        return self.manifest is not None
-
-
-def verify(storage: Storage, name: str) -> CheckpointStatus:
-    """Check one directory against its manifest (existence and size of every file)."""
-    step = parse_step(name)
-    files = storage.file_sizes(name)
-    if MANIFEST_NAME not in files:
-        return CheckpointStatus(name, step, None, "no manifest.json (save never committed)")
-    try:
-        manifest = Manifest.from_json(storage.read_text(name, MANIFEST_NAME))
-    except (ValueError, TypeError, KeyError) as exc:
-        return CheckpointStatus(name, step, None, f"unreadable manifest.json: {exc}")
-    if manifest.step != step:
-        return CheckpointStatus(name, step, None, f"manifest says step {manifest.step}")
-    if ".metadata" not in manifest.files:
-        return CheckpointStatus(name, step, None, "manifest lists no .metadata")
-    for fname, size in sorted(manifest.files.items()):
-        if fname not in files:
-            return CheckpointStatus(name, step, None, f"missing file {fname}")
-        if files[fname] != size:
-            return CheckpointStatus(name, step, None,
-                                    f"{fname} has {files[fname]} bytes, manifest says {size}")
-    return CheckpointStatus(name, step, manifest)
-
-
-def scan(storage: Storage) -> list[CheckpointStatus]:
-    """Every ``step-*`` directory, newest step first (steps compare as numbers)."""
-    names = [n for n in storage.list_dirs() if parse_step(n) is not None]
-    names.sort(key=parse_step, reverse=True)
-    return [verify(storage, n) for n in names]
 
 
 def error_text(error: Optional[BaseException], default: str = "unknown error") -> str:
@@ -142,15 +65,17 @@ def error_text(error: Optional[BaseException], default: str = "unknown error") -
     return f"{type(error).__name__}: {error}"[:1000]
 
 
+def _load_locally(state: dict[str, Any], reader) -> None:
+    """DCP load without its plan collectives (faster resume): each rank reads what its own
+    state dict needs; success is agreed on by the caller."""
+    with warnings.catch_warnings():  # DCP warns that no_dist means a single process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+
+
 def _collect(notes: list) -> Callable[..., None]:
     """An ``emit`` that keeps events in ``notes`` (for threads that must not log)."""
     return lambda *args, **kwargs: notes.append((args, kwargs))
-
-
-def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}"
-            for k in keys if saved.get(k) != current.get(k)]
 
 
 class CheckpointManager:
@@ -381,7 +306,7 @@ class CheckpointManager:
             state = state_for(manifest)
             error = None
             try:
-                dcp.load(state, storage_reader=self.storage.dcp_reader(name))
+                _load_locally(state, self.storage.dcp_reader(name))
             # DCP's CheckpointException is a BaseException; it carries every rank's error.
             except (Exception, CheckpointException) as exc:  # agreed on below; logged
                 error = exc
