@@ -83,13 +83,15 @@ class CheckpointManager:
 
     def __init__(self, storage: Storage, info: dist.DistInfo, identity: dict[str, Any],
                  keep_last: int, emit: Callable[..., None], thread_count: int = 1,
-                 async_mode: str = "off", cache_staging: bool = True):
+                 async_mode: str = "off", cache_staging: bool = True,
+                 plan_caching: bool = True):
         self.storage = storage
         self.info = info
         self.identity = identity
         self.keep_last = keep_last
         self.emit = emit
         self.thread_count = thread_count
+        self.plan_caching = plan_caching
         self.async_saver = (AsyncSaver(async_mode, info.device, cache_staging)
                             if async_mode != "off" else None)
         self._in_flight: Optional[InFlightSave] = None
@@ -113,7 +115,7 @@ class CheckpointManager:
         error = None
         try:
             dcp.save(state, storage_writer=self.storage.dcp_writer(name, self.thread_count),
-                     planner=save_planner(step))
+                     planner=save_planner(step, self.plan_caching))
         except (Exception, CheckpointException) as exc:  # agreed on below; reported
             error = exc
         if dist.any_rank(error is not None):
@@ -149,7 +151,7 @@ class CheckpointManager:
                  if self.info.is_main else None)
         flight.write = self.async_saver.start(SaveJob(
             build_state, lambda: self.storage.dcp_writer(name, self.thread_count),
-            save_planner(step), claim))
+            save_planner(step, self.plan_caching), claim))
         flight.call_s = time.monotonic() - started
         self._in_flight, self._last_async = flight, None
         self.emit("checkpoint_started", step=step, reason=reason,

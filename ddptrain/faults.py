@@ -36,8 +36,8 @@ class TestFaultPlanner(DefaultSavePlanner):
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, fault: str):
-        super().__init__()
+    def __init__(self, fault: str, plan_caching: bool = False):
+        super().__init__(enable_plan_caching=plan_caching)
         self.fault = fault
 
     def finish_plan(self, new_plan):
@@ -49,12 +49,12 @@ class TestFaultPlanner(DefaultSavePlanner):
         return super().finish_plan(new_plan)
 
 
-def save_planner(step: int) -> DefaultSavePlanner:
+def save_planner(step: int, plan_caching: bool = False) -> DefaultSavePlanner:
     """The planner for the save of ``step``: DCP's default unless a fault targets it."""
     for fault in ("delay_save", "fail_save"):
         if os.environ.get(FAULT_ENV) == f"{fault}@{step}":
-            return TestFaultPlanner(fault)
-    return DefaultSavePlanner()
+            return TestFaultPlanner(fault, plan_caching)
+    return DefaultSavePlanner(enable_plan_caching=plan_caching)
 
 
 def maybe_inject_fault(point: str, step: int) -> None:

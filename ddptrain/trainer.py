@@ -78,7 +78,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.storage, info, self.run_identity(),
                                       cfg.ckpt.keep_last, self.logger.event,
                                       cfg.ckpt.thread_count, cfg.ckpt.async_mode,
-                                      cfg.ckpt.cache_staging)
+                                      cfg.ckpt.cache_staging, cfg.ckpt.plan_caching)
         self.first_step_pending = True
         self.stop = StopRequest()
 

@@ -77,7 +77,9 @@ def test_async_checkpoints_are_bitwise_equal_to_sync_ones(reference, delayed):
     assert complete_steps(ckpt(run_dir)) == complete_steps(ckpt(reference))
     for name in step_dirs(ckpt(reference)):
         assert_bitwise_equal(reference, run_dir, name)
-    assert {e["mode"] for e in events(run_dir, "checkpoint_committed")} == {mode, "sync"}
+    commits = events(run_dir, "checkpoint_committed")
+    assert {e["mode"] for e in commits} == {mode, "sync"}
+    assert all(e["stall_s"] is not None for e in commits if e["mode"] == mode)
     first = events(run_dir, "first_step")
     assert len(first) == 1 and 0 < first[0]["since_process_start_s"] < 300
 
