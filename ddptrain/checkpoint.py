@@ -8,7 +8,10 @@ Layout under ``ckpt.dir`` (local path or fsspec URL)::
 2. Every rank calls DCP save into it; DCP writes ``.metadata`` after all shards.
 3. Rank 0 then checks that every file DCP reports as written is listed with (at least)
    the bytes written, and writes ``manifest.json`` last (JSON, atomically: rename on
-   disk, one PUT on object stores): the commit marker. It names every file with its size.
+   disk, one PUT on object stores): the commit marker. It names every file with its
+   size. An async save (``save_async``)
+   returns at once and is committed by ``poll``/``wait`` once its background write has
+   finished on every rank; at most one is in flight (see ddptrain.async_save).
 4. Complete = the manifest parses and every file it names exists with that size. Anything
    else (also an empty directory entry an object store keeps listing) is never loaded.
 5. Discovery runs on rank 0 and the choice is broadcast, so all ranks load the same step.
@@ -21,36 +24,31 @@ Layout under ``ckpt.dir`` (local path or fsspec URL)::
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
-import os
-import re
-import signal
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
 from typing import Any, Callable, Optional
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ddptrain import __version__, dist
+from ddptrain import dist
+from ddptrain.async_save import AsyncSaver, InFlightSave, SaveJob
+from ddptrain.faults import maybe_inject_fault, save_planner
+from ddptrain.manifest import (FORMAT_VERSION, MANIFEST_NAME, STEP_DIR_PATTERN,
+                               CheckpointStatus, Manifest, identity_differences,
+                               parse_step, scan, step_dirname, verify)
 from ddptrain.rng import keeps_python_random
 from ddptrain.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
-STEP_DIR_PATTERN = re.compile(r"^step-(\d+)$")
-#: Test-only fault injection, a comma-separated list: "kill_before_manifest@STEP" SIGKILLs
-#: every rank after the shards and .metadata of that step's save are written but before
-#: the manifest; "pause_before_save@STEP" / "pause_before_manifest@STEP" make rank 0 create
-#: the file PAUSE_ENV/<point>@<STEP> there and wait until it is deleted.
-FAULT_ENV = "DDPTRAIN_TEST_FAULT"
-PAUSE_ENV = "DDPTRAIN_TEST_PAUSE_DIR"
-#: Listing attempts before a commit gives up on a file DCP wrote (eventual consistency).
-LISTING_ATTEMPTS = 4
+#: The on-disk contract lives in ddptrain.manifest; its names are re-exported here.
+__all__ = ["CheckpointError", "CheckpointManager", "SaveError", "CheckpointStatus", "FORMAT_VERSION",
+           "MANIFEST_NAME", "Manifest", "RunIdentityMismatch", "STEP_DIR_PATTERN",
+           "error_text", "identity_differences", "parse_step", "scan", "step_dirname",
+           "verify"]
 
 
 class CheckpointError(RuntimeError):
@@ -64,93 +62,31 @@ class RunIdentityMismatch(CheckpointError):
 class SaveError(CheckpointError):
     """A save or its commit failed on some rank; nothing was committed."""
 
-
-def step_dirname(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def parse_step(name: str) -> Optional[int]:
-    match = STEP_DIR_PATTERN.match(name)
-    return int(match.group(1)) if match else None
+#: Listing attempts before a commit gives up on a file DCP wrote (eventual consistency).
+LISTING_ATTEMPTS = 4
 
 
-@dataclass
-class Manifest:
-    step: int
-    epoch: int
-    samples_seen: int
-    world_size: int
-    global_batch_size: int
-    identity: dict[str, Any]
-    reason: str
-    files: dict[str, int]
-    format_version: int = FORMAT_VERSION
-    torch_version: str = torch.__version__
-    ddptrain_version: str = __version__
-    created_unix: float = field(default_factory=time.time)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> "Manifest":
-        data = json.loads(text)
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported manifest format {data.get('format_version')!r}")
-        return cls(**data)
+def error_text(error: Optional[BaseException], default: str = "unknown error") -> str:
+    """``type: message``, for DCP's CheckpointException one per failed rank."""
+    if error is None:
+        return default
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}"
+                         for rank, (exc, _) in sorted(error.failures.items()))[:1000]
+    return f"{type(error).__name__}: {error}"[:1000]
 
 
-@dataclass
-class CheckpointStatus:
-    """What discovery found in one ``step-*`` directory."""
-
-    name: str
-    step: int
-    manifest: Optional[Manifest]
-    problem: str = ""
-    empty: bool = False  # no files at all: nothing, not even a failed save
-
-    @property
-    def complete(self) -> bool:
-        return self.manifest is not None
+def _load_locally(state: dict[str, Any], reader) -> None:
+    """DCP load without its plan collectives (faster resume): each rank reads what its own
+    state dict needs; success is agreed on by the caller."""
+    with warnings.catch_warnings():  # DCP warns that no_dist means a single process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=True)
 
 
-def verify(storage: Storage, name: str) -> CheckpointStatus:
-    """Check one directory against its manifest (existence and size of every file)."""
-    step = parse_step(name)
-    files = storage.file_sizes(name)
-    if not files:
-        return CheckpointStatus(name, step, None, "empty directory", empty=True)
-    if MANIFEST_NAME not in files:
-        return CheckpointStatus(name, step, None, "no manifest.json (save never committed)")
-    try:
-        manifest = Manifest.from_json(storage.read_text(name, MANIFEST_NAME))
-    except (ValueError, TypeError, KeyError) as exc:
-        return CheckpointStatus(name, step, None, f"unreadable manifest.json: {exc}")
-    if manifest.step != step:
-        return CheckpointStatus(name, step, None, f"manifest says step {manifest.step}")
-    if ".metadata" not in manifest.files:
-        return CheckpointStatus(name, step, None, "manifest lists no .metadata")
-    for fname, size in sorted(manifest.files.items()):
-        if fname not in files:
-            return CheckpointStatus(name, step, None, f"missing file {fname}")
-        if files[fname] != size:
-            return CheckpointStatus(name, step, None,
-                                    f"{fname} has {files[fname]} bytes, manifest says {size}")
-    return CheckpointStatus(name, step, manifest)
-
-
-def scan(storage: Storage) -> list[CheckpointStatus]:
-    """Every ``step-*`` directory, newest step first (steps compare as numbers)."""
-    names = [n for n in storage.list_dirs() if parse_step(n) is not None]
-    names.sort(key=parse_step, reverse=True)
-    return [verify(storage, n) for n in names]
-
-
-def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}"
-            for k in keys if saved.get(k) != current.get(k)]
+def _collect(notes: list) -> Callable[..., None]:
+    """An ``emit`` that keeps events in ``notes`` (for threads that must not log)."""
+    return lambda *args, **kwargs: notes.append((args, kwargs))
 
 
 class CheckpointManager:
@@ -158,13 +94,20 @@ class CheckpointManager:
 
     def __init__(self, storage: Storage, info: dist.DistInfo, identity: dict[str, Any],
                  keep_last: int, emit: Callable[..., None],
-                 thread_count: Optional[int] = None):
+                 thread_count: Optional[int] = None,
+                 async_mode: str = "off", cache_staging: bool = True,
+                 plan_caching: bool = True):
         self.storage = storage
         self.info = info
         self.identity = identity
         self.keep_last = keep_last
         self.emit = emit
         self.thread_count = thread_count
+        self.plan_caching = plan_caching
+        self.async_saver = (AsyncSaver(async_mode, info.device, cache_staging)
+                            if async_mode != "off" else None)
+        self._in_flight: Optional[InFlightSave] = None
+        self._last_async: Optional[tuple[int, bool]] = None  # (step, committed here)
 
     # -- location check --------------------------------------------------------------------
     @keeps_python_random
@@ -188,46 +131,139 @@ class CheckpointManager:
              global_batch_size: int, reason: str) -> bool:
         """Write and commit a checkpoint of ``state``; True once it is complete.
 
-        Raises SaveError when the save failed on any rank (nothing is committed).
-        Returns False without writing when a complete checkpoint of this step exists.
+        Waits for an async save in flight first. Raises SaveError when the save
+        failed on any rank (nothing is committed). Returns False without writing when a
+        complete checkpoint of this step exists.
         """
+        self._wait_in_flight()
         name = step_dirname(step)
         started = time.monotonic()
-        _maybe_inject_fault("pause_before_save", step, self.info.is_main)
-        ready = self._guarded(lambda: self._prepare_dir(name)) if self.info.is_main else None
-        ready = dist.broadcast_object(ready)
-        if isinstance(ready, str):
-            raise SaveError(f"preparing {self.storage.describe(name)} failed: {ready}")
-        if not ready:
+        maybe_inject_fault("pause_before_save", step, self.info.is_main)
+        if not self._claim_dir(name):
             return False
 
         error, metadata = None, None
         try:
             metadata = dcp.save(state, storage_writer=self.storage.dcp_writer(
-                name, self.thread_count))
+                name, self.thread_count), planner=save_planner(step, self.plan_caching))
         except (Exception, CheckpointException) as exc:  # agreed on below; reported
             error = exc
         if dist.any_rank(error is not None):
             raise SaveError(f"saving {self.storage.describe(name)} failed: "
-                            f"{self.storage.scrub(str(error or 'on another rank'))}")
-        _maybe_inject_fault("kill_before_manifest", step)
-        _maybe_inject_fault("pause_before_manifest", step, self.info.is_main)
+                            f"{self.storage.scrub(error_text(error, 'on a peer'))}")
+        maybe_inject_fault("kill_before_manifest", step)
+        maybe_inject_fault("pause_before_manifest", step, self.info.is_main)
 
-        manifest = Manifest(step=step, epoch=epoch, samples_seen=samples_seen,
-                            world_size=self.info.world_size,
-                            global_batch_size=global_batch_size, identity=self.identity,
-                            reason=reason, files={})
+        manifest = self._manifest(step, epoch, samples_seen, global_batch_size, reason)
         error = self._commit(name, manifest, metadata) if self.info.is_main else None
         if dist.any_rank(error is not None):
             raise SaveError(f"committing {self.storage.describe(name)} failed: "
                             f"{error or 'on rank 0'}")
-        seconds = time.monotonic() - started
-        size = sum(manifest.files.values()) if self.info.is_main else None
-        self.emit("checkpoint_committed", step=step, reason=reason, seconds=round(seconds, 3),
-                  bytes=size, location=self.storage.describe(name))
-        if self.info.is_main:
-            self._guarded(self.prune, "retention skipped")
+        self._report_commit(name, manifest, started, mode="sync")
         return True
+
+    def save_async(self, build_state: Callable[[], dict[str, Any]], *, step: int,
+                   epoch: int, samples_seen: int, global_batch_size: int,
+                   reason: str) -> None:
+        """Save in the background once the previous async save has finished (no wait
+        otherwise). ``build_state()`` runs in the background and must return the state as
+        of now: the caller snapshots what changes before its next optimizer step and calls
+        :meth:`wait_for_staging` before that step. :meth:`poll`/:meth:`wait` commit."""
+        assert self.async_saver is not None, "save_async needs ckpt.async_mode on"
+        started = time.monotonic()
+        self._wait_in_flight()
+        waited = time.monotonic() - started
+        name = step_dirname(step)
+        flight = InFlightSave(name, self._manifest(step, epoch, samples_seen,
+                                                   global_batch_size, reason),
+                              write=None, started=started)
+        # Rank 0 claims the directory in the launcher thread; its events are kept for later.
+        claim = (functools.partial(self._prepare_dir, name, emit=_collect(flight.notes))
+                 if self.info.is_main else None)
+        flight.write = self.async_saver.start(SaveJob(
+            build_state, lambda: self.storage.dcp_writer(name, self.thread_count),
+            save_planner(step, self.plan_caching), claim))
+        flight.call_s = time.monotonic() - started
+        self._in_flight, self._last_async = flight, None
+        self.emit("checkpoint_started", step=step, reason=reason,
+                  call_s=round(flight.call_s, 4), waited_s=round(waited, 4),
+                  mode=self.async_saver.mode, location=self.storage.describe(name))
+
+    @property
+    def in_flight(self) -> Optional[InFlightSave]:
+        """The async save in flight (read-only; for reports and benchmarks)."""
+        return self._in_flight
+
+    def wait_for_staging(self) -> None:
+        """Block until the async save in flight has copied the state; call it before the
+        optimizer step (anything that changes parameters or optimizer state)."""
+        flight = self._in_flight
+        if flight is None or flight.staging_wait_s is not None:
+            return
+        waited_from = time.monotonic()
+        flight.write.staged.result()
+        flight.staging_wait_s = time.monotonic() - waited_from
+
+    def poll(self) -> None:
+        """Commit the async save in flight if its background write has finished. No
+        collective: DCP completes the write on every rank only once all ranks' shards and
+        ``.metadata`` are written (see ddptrain.async_save)."""
+        if self._in_flight is not None and self._in_flight.write.done.done():
+            self._finish_in_flight()
+
+    def wait(self) -> Optional[int]:
+        """Collective: let the async save in flight finish and commit (or fail). Returns
+        the step of the last async save if it committed on every rank, else None."""
+        if self.async_saver is None:
+            return None
+        self._wait_in_flight()
+        step, ok = self._last_async or (None, True)
+        failed = dist.any_rank(not ok)
+        return None if failed else step
+
+    def _wait_in_flight(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.write.done.result()
+            self._finish_in_flight()
+
+    def _finish_in_flight(self) -> None:
+        """This rank's end of an async save: rank 0 commits it if it was written."""
+        flight, self._in_flight = self._in_flight, None
+        step, outcome = flight.manifest.step, flight.write.done.result()
+        for args, kwargs in flight.notes:
+            self.emit(*args, **kwargs)
+        error = outcome.error
+        if outcome.status == "written":
+            maybe_inject_fault("kill_before_manifest", step)
+            if self.info.is_main:
+                error = self._commit(flight.name, flight.manifest, outcome.metadata)
+        self._last_async = (step, outcome.status != "failed" and error is None)
+        if outcome.status == "written" and error is None:
+            stall = flight.call_s + (flight.staging_wait_s or 0.0)
+            self._report_commit(flight.name, flight.manifest, flight.started,
+                                mode=self.async_saver.mode, stall_s=round(stall, 4))
+        elif not self._last_async[1]:
+            self.emit("checkpoint_failed", level=logging.ERROR, step=step,
+                      reason=flight.manifest.reason,
+                      message=f"background save of {self.storage.describe(flight.name)} "
+                              f"failed, not committed: "
+                              f"{self.storage.scrub(error_text(error, 'on a peer'))}")
+
+    def close(self) -> None:
+        """Release staging buffers; an async save still in flight is never committed."""
+        if self._in_flight is not None:
+            log.warning("abandoning the uncommitted async save of %s",
+                        self.storage.describe(self._in_flight.name))
+        if self.async_saver is not None:
+            self.async_saver.close()
+
+    def _claim_dir(self, name: str) -> bool:
+        """All ranks: rank 0's verdict whether a save into ``name`` should go ahead."""
+        ready = self._guarded(lambda: self._prepare_dir(name)) if self.info.is_main else None
+        ready = dist.broadcast_object(ready)
+        if isinstance(ready, str):
+            raise SaveError(f"preparing {self.storage.describe(name)} failed: {ready}")
+        return ready
 
     def _guarded(self, action: Callable[[], Any], warning: str = "") -> Any:
         """``action()``, or its scrubbed error as a string (logged when ``warning``)."""
@@ -239,20 +275,38 @@ class CheckpointManager:
                 log.warning("%s: %s", warning, message)
             return message
 
-    def _prepare_dir(self, name: str) -> bool:
+    def _manifest(self, step: int, epoch: int, samples_seen: int, global_batch_size: int,
+                  reason: str) -> Manifest:
+        return Manifest(step=step, epoch=epoch, samples_seen=samples_seen,
+                        world_size=self.info.world_size,
+                        global_batch_size=global_batch_size, identity=self.identity,
+                        reason=reason, files={})
+
+    def _report_commit(self, name: str, manifest: Manifest, started: float, mode: str,
+                       stall_s: Optional[float] = None) -> None:
+        size = sum(manifest.files.values()) if self.info.is_main else None
+        self.emit("checkpoint_committed", step=manifest.step, reason=manifest.reason,
+                  seconds=round(time.monotonic() - started, 3), bytes=size, mode=mode,
+                  stall_s=stall_s,  # async: save call + staging fence
+                  location=self.storage.describe(name))
+        if self.info.is_main:
+            self._guarded(self.prune, "retention skipped")
+
+    def _prepare_dir(self, name: str, emit: Optional[Callable[..., None]] = None) -> bool:
         """Rank 0: False if a complete checkpoint of this step exists; removes leftovers."""
+        emit = emit or self.emit
         if not self.storage.exists(name):
             return True
         status = verify(self.storage, name)
         if status.complete:
-            self.emit("checkpoint_exists", step=status.step, level=logging.WARNING,
-                      message=f"{self.storage.describe(name)} is already complete; "
-                              "not overwriting it")
+            emit("checkpoint_exists", step=status.step, level=logging.INFO,
+                 message=f"{self.storage.describe(name)} is already complete (a rerun "
+                         "reproduces the same state); not overwriting it")
             return False
         # A directory of this step without a commit is the leftover of a crashed attempt.
         if not status.empty:
-            self.emit("removed_incomplete", level=logging.WARNING, step=status.step,
-                      location=self.storage.describe(name), problem=status.problem)
+            emit("removed_incomplete", level=logging.WARNING, step=status.step,
+                 location=self.storage.describe(name), problem=status.problem)
         self.storage.delete_tree(name)
         return True
 
@@ -322,7 +376,7 @@ class CheckpointManager:
             state = state_for(manifest)
             error = None
             try:
-                dcp.load(state, storage_reader=self.storage.dcp_reader(name))
+                _load_locally(state, self.storage.dcp_reader(name))
             # DCP's CheckpointException is a BaseException; it carries every rank's error.
             except (Exception, CheckpointException) as exc:  # agreed on below; logged
                 error = exc
@@ -366,20 +420,3 @@ def written_sizes(metadata: Any) -> dict[str, int]:
         if isinstance(path, str):
             sizes[path] = max(sizes.get(path, 0), int(info.offset) + int(info.length))
     return sizes
-
-
-def _maybe_inject_fault(point: str, step: int, pause_here: bool = True) -> None:
-    wanted = f"{point}@{step}"
-    if wanted not in os.environ.get(FAULT_ENV, "").split(","):
-        return
-    if point.startswith("kill_"):
-        log.error("test fault %s: killing this process", wanted)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
-    if point.startswith("pause_") and pause_here:
-        marker = os.path.join(os.environ[PAUSE_ENV], wanted)
-        open(marker, "w").close()
-        log.warning("test fault %s: waiting until %s is deleted", wanted, marker)
-        deadline = time.monotonic() + 300
-        while os.path.exists(marker) and time.monotonic() < deadline:
-            time.sleep(0.05)

@@ -15,6 +15,20 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
+_IMPORTED_AT = time.monotonic()
+
+
+def seconds_since_process_start() -> float:
+    """Seconds since the OS started this process (Linux; elsewhere: since this module was
+    imported, which misses the interpreter start and some imports)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            # Field 22, start time in clock ticks since boot; the name (field 2) may
+            # contain spaces, so count from its closing parenthesis.
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic() - _IMPORTED_AT
 
 
 class _JsonLines:

@@ -8,13 +8,15 @@ size, CPU).
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import os
 import time
 from contextlib import nullcontext
 from enum import IntEnum
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -27,7 +29,7 @@ from ddptrain.checkpoint import CheckpointError, CheckpointManager, Manifest
 from ddptrain.config import Config, ConfigError, config_to_dict
 from ddptrain.data import (ResumableSampler, ShardSampler, build_datasets, make_loader,
                            resolve_kind)
-from ddptrain.metrics import RunLogger, SampleRecorder
+from ddptrain.metrics import RunLogger, SampleRecorder, seconds_since_process_start
 from ddptrain.model import build_model, input_channels
 from ddptrain.optim import build_optimizer, build_scheduler
 from ddptrain.preemption import StopRequest, install_test_signal, start_notice_watcher
@@ -98,7 +100,9 @@ class Trainer:
         self.samples = SampleRecorder(cfg.run.dir, info.rank, cfg.log.sample_ids)
         self.ckpt = CheckpointManager(self.storage, info, self.run_identity(),
                                       cfg.ckpt.keep_last, self.logger.event,
-                                      cfg.ckpt.thread_count)
+                                      cfg.ckpt.thread_count, cfg.ckpt.async_mode,
+                                      cfg.ckpt.cache_staging, cfg.ckpt.plan_caching)
+        self.first_step_pending = True
         install_test_signal(self.module, lambda: self.step + 1, info.rank)
         self.notice_watcher = start_notice_watcher(
             cfg.preempt.notice, cfg.preempt.notice_url, cfg.preempt.poll_seconds, self.stop,
@@ -184,8 +188,7 @@ class Trainer:
         return ExitCode.FINISHED
 
     def stop_for_preemption(self) -> ExitCode:
-        # TODO: wait for an in-flight save first once saves can be asynchronous (parallel
-        # work on checkpoint.py): the preempt checkpoint must not race it.
+        self.wait_for_async_save()
         if self.saved_step != self.step:
             self.save("preempt")
         waited = self.stop.seconds_since_first_request()
@@ -202,6 +205,7 @@ class Trainer:
     def close(self) -> None:
         if self.notice_watcher is not None:
             self.notice_watcher.stop()
+        self.ckpt.close()
         self.stop.restore()
         self.samples.close()
         self.logger.close()
@@ -232,6 +236,10 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self, micro_batches: list, data_wait: float) -> None:
+        if self.first_step_pending:  # time to first step, for benchmarks and reports
+            self.first_step_pending = False
+            self.logger.event("first_step", step=self.step + 1,
+                              since_process_start_s=round(seconds_since_process_start(), 3))
         started = time.perf_counter()
         self.ddp.train()
         lr = self.scheduler.get_last_lr()[0]
@@ -264,6 +272,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _optimizer_step(self) -> None:
+        self.ckpt.wait_for_staging()  # an async save may still be copying the weights
         if self.cfg.train.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip_norm)
@@ -320,12 +329,20 @@ class Trainer:
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), as DDP's next forward
         would, so what DCP writes once under a shared key is the same on all ranks."""
-        if self.info.world_size > 1:
-            for buffer in self.module.buffers():
-                torch_dist.broadcast(buffer, src=0)
+        if self.info.world_size == 1:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in self.module.buffers():
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        for buffers in by_dtype.values():  # one broadcast per dtype, not one per buffer
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            torch_dist.broadcast(flat, src=0)
+            for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+                buffer.copy_(part.view_as(buffer))
 
     # -- checkpoints -----------------------------------------------------------------------
     def maybe_save(self, epoch_end: bool) -> None:
+        self.ckpt.poll()  # commit a finished async save
         every = self.cfg.ckpt.every_steps
         if self.step >= self.total_steps:
             return  # finish() writes the final checkpoint
@@ -335,12 +352,18 @@ class Trainer:
             self.save("interval")
 
     def save(self, reason: str) -> None:
+        """Checkpoint now. Interval and epoch saves are async when ckpt.async_mode is on;
+        final and preemption saves are synchronous (and wait for an async one first)."""
         self.sync_buffers()
+        progress = dict(step=self.step, epoch=self.step // self.steps_per_epoch,
+                        samples_seen=self.step * self.cfg.train.global_batch_size,
+                        global_batch_size=self.cfg.train.global_batch_size, reason=reason)
+        if self.ckpt.async_saver is not None and reason in ("interval", "epoch"):
+            # An async save counts as saved once committed (see wait_for_async_save).
+            self.ckpt.save_async(self._async_state_builder(), **progress)
+            return
         try:
-            self.ckpt.save(self.state_dict(), step=self.step,
-                           epoch=self.step // self.steps_per_epoch,
-                           samples_seen=self.step * self.cfg.train.global_batch_size,
-                           global_batch_size=self.cfg.train.global_batch_size, reason=reason)
+            self.ckpt.save(self.state_dict(), **progress)
         except CheckpointError as exc:
             fatal = reason in ("final", "preempt") or self.cfg.ckpt.on_save_error == "stop"
             outcome = "the run stops" if fatal else ("training continues (ckpt.on_save_"
@@ -353,16 +376,45 @@ class Trainer:
             return
         self.saved_step = self.step
 
+    def wait_for_async_save(self) -> None:
+        """Let the async save in flight (if any) finish and commit (collective)."""
+        committed = self.ckpt.wait()
+        if committed is not None:
+            self.saved_step = committed
+
     def state_dict(self, include_rng: bool = True) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        state = {"model": model_state, "optim": optim_state,
-                 "scheduler": self.scheduler.state_dict(),
+        return self._add_weights(self._volatile_state(include_rng))
+
+    def _volatile_state(self, include_rng: bool = True) -> dict[str, Any]:
+        """Copies of the state that changes before the next optimizer step: buffers
+        (BatchNorm statistics change in every forward), scheduler, scaler, progress, RNG."""
+        state = {"buffers": {n: b.detach().clone() for n, b in self.module.named_buffers()},
+                 "scheduler": copy.deepcopy(self.scheduler.state_dict()),
                  "scaler": self.scaler.state_dict(),
                  "progress": {"step": self.step,
                               "samples_seen": self.step * self.cfg.train.global_batch_size}}
         if include_rng:
             state[f"rng/rank{self.info.rank}"] = rng.capture(self.device)
         return state
+
+    def _add_weights(self, volatile: dict[str, Any]) -> dict[str, Any]:
+        """The full state: ``volatile`` plus parameters and optimizer state (which change
+        only in the optimizer step), keyed by parameter name."""
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        buffers = volatile["buffers"]
+        rest = {k: v for k, v in volatile.items() if k != "buffers"}
+        return {"model": {k: buffers.get(k, v) for k, v in model_state.items()},
+                "optim": optim_state, **rest}
+
+    def _async_state_builder(self) -> Callable[[], dict[str, Any]]:
+        """For an async save: snapshot the volatile state now; parameters and optimizer
+        state are read in the background before this rank's next optimizer step, which
+        waits for them (CheckpointManager.wait_for_staging)."""
+        volatile = self._volatile_state()
+        if not self.optimizer.state:  # get_state_dict would initialise it with a step
+            state = self._add_weights(volatile)
+            return lambda: state
+        return functools.partial(self._add_weights, volatile)
 
     def resume(self) -> None:
         found = self.ckpt.load_latest(self._state_to_load)

@@ -1,0 +1,219 @@
+"""Background checkpoint writing: copy and write the state while training goes on.
+
+How an async save runs (see :meth:`ddptrain.checkpoint.CheckpointManager.save_async`):
+
+1. **Snapshot** (training thread, a few ms): the caller captures what changes before
+   the next optimizer step (BatchNorm buffers, which every forward updates, RNG states,
+   scheduler and scaler state) and hands over a function that adds the rest.
+2. **Start** (one launcher thread per rank, in the background): rank 0 claims the step
+   directory, every rank builds the full state (parameters and optimizer state change
+   only in the optimizer step) and copies it into host buffers owned by the saver
+   (pinned on CUDA; shared memory for a writer process). Then the *staging fence* opens:
+   the training thread calls
+   :meth:`~ddptrain.checkpoint.CheckpointManager.wait_for_staging` before its next
+   optimizer step, so nothing that training does later can leak into the checkpoint.
+   The ranks agree on success before any rank starts DCP's write, so a rank that failed
+   here never leaves its peers waiting in a collective.
+3. **Write**: ``dcp.async_save`` runs DCP's ordinary save on the copy in a thread
+   (``thread``) or a long-lived helper process per rank (``process``; no GIL shared with
+   training). All background collectives use a separate gloo process group, so they
+   never interleave with the training thread's (DDP's all-reduces, the stop agreement).
+4. **Done**: DCP's last step gathers every rank's write results on the coordinator, which
+   writes ``.metadata`` and then broadcasts the outcome. So on *every* rank the write
+   completes only after all ranks' shards are written (and fsynced) and ``.metadata``
+   exists, and it fails on every rank when any rank failed. The manager commits (writes
+   the manifest) only after that, on the training thread.
+
+Staging buffers are reused between saves (``ckpt.cache_staging``); that is safe only
+because at most one save is in flight and the next one waits for it before staging.
+
+Limits:
+
+* TODO: start the ``process`` helper at startup instead of on the first save (it takes a
+  few seconds there, and a save asked for meanwhile waits for it).
+* In ``process`` mode a stop signal sent to the whole process group (Slurm signals every
+  process of a step) also ends DCP's helper process; the save in flight then fails and
+  is not committed, and the preemption checkpoint is written synchronously as usual.
+  TODO: make the helper ignore stop signals once DCP lets us run code in it at startup
+  (ignoring SIGTERM there today would make multiprocessing's exit handler, which
+  terminates daemonic children with SIGTERM and joins them, hang).
+* TODO: if ``dcp.async_save`` itself raises on one rank after the ranks agreed to write,
+  the other ranks' writes wait in a collective until the group's timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as torch_dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SaveJob:
+    """One async save, as the launcher thread of this rank carries it out."""
+
+    build_state: Callable[[], dict[str, Any]]  # the full state; runs in the background
+    make_writer: Callable[[], Any]  # DCP storage writer for the step directory
+    planner: Any  # DCP save planner
+    claim: Optional[Callable[[], bool]]  # rank 0: may the save go ahead (else None)
+    ready: Any = None  # CUDA event recorded at the save call (the state to copy)
+
+
+@dataclass
+class Outcome:
+    """How a background save ended on this rank."""
+
+    status: str  # "written" (on every rank) | "exists" (nothing to do) | "failed"
+    error: Optional[BaseException] = None  # this rank's error; None if a peer failed
+    metadata: Any = None  # DCP's Metadata of a written save (for the commit check)
+
+
+@dataclass
+class BackgroundWrite:
+    """The futures of one async save on this rank."""
+
+    staged: Future = field(default_factory=Future)  # the copy is done (or abandoned)
+    done: Optional[Future] = None  # result: an Outcome; never raises
+
+
+class _AlreadyStaged(AsyncStager):
+    """Hands DCP the copy the launcher made, so that DCP does not copy it again."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return state_dict
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncSaver:
+    """Runs async saves, one at a time, from a launcher thread on every rank.
+
+    Create it on every rank at the same point (it creates a process group). It does not
+    enforce the one-save-in-flight rule; the checkpoint manager does.
+    """
+
+    def __init__(self, mode: str, device: torch.device, cache_staging: bool = True):
+        if mode not in ("thread", "process"):
+            raise ValueError(f"ckpt.async_mode={mode!r}: AsyncSaver runs thread or process")
+        self.mode = mode
+        self.kind = (AsyncCheckpointerType.PROCESS if mode == "process"
+                     else AsyncCheckpointerType.THREAD)
+        self.cuda = device.type == "cuda"
+        # Pinned buffers make the device-to-host copy fast and are CUDA-only; a writer
+        # process receives shared-memory buffers by handle instead of pickling them.
+        self.options = StagingOptions(use_pinned_memory=self.cuda,
+                                      use_shared_memory=mode == "process",
+                                      use_async_staging=False,
+                                      use_non_blocking_copy=self.cuda)
+        self.cache_staging = cache_staging
+        self._cached_stager: Optional[DefaultStager] = None
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+        self._launcher = ThreadPoolExecutor(1, thread_name_prefix="ddptrain-ckpt")
+        # Background collectives must not share a group with the training thread's.
+        self.group = torch_dist.new_group(backend="gloo")
+
+    def start(self, job: SaveJob) -> BackgroundWrite:
+        """Hand ``job`` to the launcher thread; returns at once (training thread)."""
+        if self.cuda:
+            job.ready = torch.cuda.current_stream().record_event()
+        write = BackgroundWrite()
+        write.done = self._launcher.submit(self._run, job, write.staged)
+        return write
+
+    def _run(self, job: SaveJob, staged: Future) -> Outcome:
+        try:
+            return self._save(job, staged)
+        except BaseException as exc:  # a bug or a broken group: reported, not committed
+            log.exception("async save failed in the launcher")
+            return Outcome("failed", exc)
+        finally:
+            if not staged.done():
+                staged.set_result(None)
+
+    def _save(self, job: SaveJob, staged: Future) -> Outcome:
+        verdict, error = 1, None
+        if job.claim is not None:  # rank 0: 1 go, 0 complete already, 2 failed
+            try:
+                verdict = 1 if job.claim() else 0
+            except Exception as exc:
+                verdict, error = 2, exc
+        verdict = self._broadcast_int(verdict)
+        if verdict != 1:
+            return Outcome("exists") if verdict == 0 else Outcome("failed", error)
+
+        copy, stager = None, None
+        try:
+            writer = job.make_writer()
+            copy, stager = self._stage(job.build_state(), job.ready)
+        except Exception as exc:  # agreed on below
+            error = exc
+        staged.set_result(None)  # from here on training may change parameters again
+        try:
+            if self._max_int(int(error is not None)):
+                return Outcome("failed", error)
+            metadata = dcp.async_save(copy, storage_writer=writer, planner=job.planner,
+                                      process_group=self.group,
+                                      async_checkpointer_type=self.kind,
+                                      async_stager=_AlreadyStaged()).result()
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            return Outcome("failed", exc)
+        finally:
+            if stager is not None:
+                stager.close()
+        return Outcome("written", metadata=metadata)
+
+    def _stage(self, state: dict[str, Any], ready) -> tuple[dict[str, Any], Any]:
+        """Copy ``state`` into host buffers; returns the copy and a stager to close."""
+        if self.cache_staging:
+            if self._cached_stager is None:
+                self._cached_stager = DefaultStager(self.options)
+            stager, owned = self._cached_stager, None
+        else:
+            stager = owned = DefaultStager(self.options)
+        if self._stream is None:
+            return stager.stage(state), owned
+        with torch.cuda.stream(self._stream):  # copy beside the training stream
+            self._stream.wait_event(ready)
+            return stager.stage(state), owned
+
+    def _broadcast_int(self, value: int) -> int:
+        tensor = torch.tensor([value], dtype=torch.int32)
+        torch_dist.broadcast(tensor, src=0, group=self.group)
+        return int(tensor.item())
+
+    def _max_int(self, value: int) -> int:
+        tensor = torch.tensor([value], dtype=torch.int32)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX, group=self.group)
+        return int(tensor.item())
+
+    def close(self) -> None:
+        """Stop the launcher (a save still running is not waited for) and free buffers."""
+        self._launcher.shutdown(wait=False)
+        if self._cached_stager is not None:
+            self._cached_stager.close()
+            self._cached_stager = None
+
+
+@dataclass
+class InFlightSave:
+    """An async save whose background work was started and is not yet committed."""
+
+    name: str  # the step directory
+    manifest: Any  # ddptrain.checkpoint.Manifest, written once the write is done
+    write: BackgroundWrite
+    started: float  # time.monotonic() when the save was asked for
+    call_s: float = 0.0  # how long the save call blocked training
+    staging_wait_s: Optional[float] = None  # how long the staging fence blocked it
+    notes: list = field(default_factory=list)  # events from the launcher, for rank 0
