@@ -194,11 +194,13 @@ class LogConfig:
 class PreemptConfig:
     """Preemption: stop signals and cloud preemption notices."""
 
-    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2",
+                                                        "SIGINT"])
     """Signals that ask for a graceful stop: every rank finishes the current step, a
     complete checkpoint (reason preempt) is committed, and the run exits (status.json:
-    preempted). Choose from SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, SIGQUIT. Under
-    torchrun also pass --signals-to-handle with the same names."""
+    preempted). Choose from SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, SIGQUIT. A second
+    SIGINT (Ctrl-C) interrupts at once, without the save. Under torchrun also pass
+    --signals-to-handle with the same names."""
     notice: Literal["off", "aws", "gcp"] = "off"
     """Poll the cloud provider's preemption notice (on each node's local rank 0) and stop
     gracefully when one is posted. aws: spot instance-action (IMDSv2, falling back to

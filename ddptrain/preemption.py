@@ -28,7 +28,7 @@ from ddptrain import dist
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 NOTICE_URLS = {
     "aws": "http://169.254.169.254/latest/meta-data/spot/instance-action",
     "gcp": "http://metadata.google.internal/computeMetadata/v1/instance/preempted",
@@ -52,6 +52,8 @@ class StopRequest:
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, _frame) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
         self.request(signal.Signals(signum).name)
 
     def request(self, reason: str) -> None:
@@ -197,3 +199,38 @@ def install_test_signal(module: nn.Module, next_step: Callable[[], int], rank: i
         return grad
 
     first.register_hook(send_during_backward)
+
+
+class LauncherWatch:
+    """Under torchrun: ask for a graceful stop when the launcher process dies.
+
+    torchrun starts every rank in its own session, so killing torchrun (``kill -9``, an
+    OOM kill) leaves the ranks running with nobody to restart or stop them. When the
+    parent process changes, this daemon thread requests a stop: the ranks finish the
+    step, commit a checkpoint and exit, instead of training on as orphans.
+    """
+
+    def __init__(self, stop: StopRequest, poll_seconds: float = 1.0):
+        self.stop_request = stop
+        self.poll_seconds = poll_seconds
+        self.parent = os.getppid()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="launcher-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.poll_seconds):
+            if os.getppid() != self.parent:
+                log.warning("the launcher (pid %d) exited; stopping after this step",
+                            self.parent)
+                self.stop_request.request("launcher exited")
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+def start_launcher_watch(stop: StopRequest) -> Optional[LauncherWatch]:
+    """A :class:`LauncherWatch` when this process was started by torchrun, else None."""
+    return LauncherWatch(stop) if "TORCHELASTIC_RUN_ID" in os.environ else None

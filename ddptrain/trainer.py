@@ -32,7 +32,8 @@ from ddptrain.data import (ResumableSampler, ShardSampler, build_datasets, make_
 from ddptrain.metrics import RunLogger, SampleRecorder, seconds_since_process_start
 from ddptrain.model import build_model, input_channels
 from ddptrain.optim import build_optimizer, build_scheduler
-from ddptrain.preemption import StopRequest, install_test_signal, start_notice_watcher
+from ddptrain.preemption import (StopRequest, install_test_signal, start_launcher_watch,
+                                 start_notice_watcher)
 from ddptrain.storage import MiB, Storage
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class Trainer:
         self.notice_watcher = start_notice_watcher(
             cfg.preempt.notice, cfg.preempt.notice_url, cfg.preempt.poll_seconds, self.stop,
             info.local_rank)
+        self.launcher_watch = start_launcher_watch(self.stop)
 
     # -- construction ----------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -203,8 +205,9 @@ class Trainer:
                          total_steps=self.total_steps, **fields)
 
     def close(self) -> None:
-        if self.notice_watcher is not None:
-            self.notice_watcher.stop()
+        for watcher in (self.notice_watcher, self.launcher_watch):
+            if watcher is not None:
+                watcher.stop()
         self.ckpt.close()
         self.stop.restore()
         self.samples.close()

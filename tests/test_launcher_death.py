@@ -1,0 +1,56 @@
+"""torchrun killed with SIGKILL: its orphaned ranks stop gracefully instead of training on;
+and Ctrl-C twice interrupts at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from ddptrain.preemption import StopRequest
+from tests.launch import descendants, start, train, train_rows, wait_until
+from tests.preempt_common import (ONLY_STOP_SAVES, assert_resumed_without_recompute,
+                                  assert_stopped_at_step_boundary)
+
+
+@pytest.mark.slow
+def test_ranks_stop_gracefully_when_torchrun_is_killed(reference_run, tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = start(run_dir, *ONLY_STOP_SAVES)
+    wait_until(lambda: max(train_rows(run_dir), default=0) >= 15, proc, what="step 15")
+    ranks = descendants(proc.pid)
+    assert len(ranks) >= 2
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher only; the ranks live on
+    proc.wait(timeout=30)
+
+    deadline = time.monotonic() + 120
+    while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in ranks):
+        assert time.monotonic() < deadline, "orphaned ranks kept running"
+        time.sleep(0.1)
+    stop_step = assert_stopped_at_step_boundary(run_dir, "launcher exited")
+
+    train(run_dir, *ONLY_STOP_SAVES)
+    assert_resumed_without_recompute(run_dir, stop_step, reference_run)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_second_ctrl_c_interrupts_immediately():
+    stop = StopRequest(["SIGINT"])
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested and stop.reason == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    finally:
+        stop.restore()
