@@ -427,7 +427,9 @@ class Trainer:
         manifest, state = found
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
+        configured = vars(self.scheduler.lr_lambdas[0]).copy()
         self.scheduler.load_state_dict(state["scheduler"])
+        self._warn_if_schedule_differs(configured)
         if self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         rng_key = f"rng/rank{self.info.rank}"
@@ -444,6 +446,18 @@ class Trainer:
             self.evaluated_step = self.step
         self.logger.event("resumed", step=self.step, samples_seen=manifest.samples_seen,
                           reason=manifest.reason, saved_world_size=manifest.world_size)
+
+    def _warn_if_schedule_differs(self, configured: dict[str, Any]) -> None:
+        """The LR schedule resumes as saved (exactness); say so when the config differs."""
+        restored = vars(self.scheduler.lr_lambdas[0])
+        changed = {k: (restored[k], v) for k, v in configured.items() if restored.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}"
+                                for k, (a, b) in changed.items())
+            self.logger.event("schedule_from_checkpoint", level=logging.WARNING,
+                              message="the LR schedule continues as saved in the "
+                                      f"checkpoint, not as configured ({details}); "
+                                      "start a new --ckpt.dir to change it")
 
     def _state_to_load(self, manifest: Manifest) -> dict[str, Any]:
         same_world = manifest.world_size == self.info.world_size

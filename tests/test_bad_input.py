@@ -96,3 +96,12 @@ def test_cifar10_without_a_local_copy_is_not_downloaded(saved_run, tmp_path):
                         str(tmp_path))
     assert "no usable CIFAR-10 copy" in err and "never attempted" in err
     assert not os.listdir(tmp_path)
+
+
+def test_changed_schedule_on_resume_is_named_in_a_warning(saved_run):
+    from tests.launch import events
+
+    train(saved_run, "--train.max_steps", "5", "--ckpt.every_steps", "5",
+          "--train.epochs", "20", nproc=0)
+    [warning] = events(saved_run, "schedule_from_checkpoint")
+    assert "total_steps: checkpoint 330, config 440" in warning["message"]
