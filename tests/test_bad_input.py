@@ -104,4 +104,4 @@ def test_changed_schedule_on_resume_is_named_in_a_warning(saved_run):
     train(saved_run, "--train.max_steps", "5", "--ckpt.every_steps", "5",
           "--train.epochs", "20", nproc=0)
     [warning] = events(saved_run, "schedule_from_checkpoint")
-    assert "total_steps: checkpoint 330, config 440" in warning["message"]
+    assert "total_steps: checkpoint 66, config 440" in warning["message"]
