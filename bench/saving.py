@@ -1,13 +1,17 @@
 """B2 (sync save throughput), B3 (async stall), B6 (stall vs single-file torch.save), the
-knob sweep, and the B7 placeholder. B2/B3/B6 and the knobs come from one torchrun job of
+knob sweep, and B7 (S3 save). B2/B3/B6 and the knobs come from one torchrun job of
 bench/ckpt_worker.py, which interleaves every subject with its reference."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 from bench.common import Result, Size, median, torchrun
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KNOBS = {
     "dcp_default": "direct dcp.save, ddptrain's writer settings (1 thread, fsync, "
@@ -105,9 +109,24 @@ def knob_rows(data: dict) -> list[dict]:
     return rows
 
 
-def b7_placeholder() -> Result:
-    # TODO: B7 (save to the local S3 server vs a raw s3fs upload of the same bytes) needs
-    # the S3 storage work from its own branch; wire it in here once that is merged.
-    return Result("B7", "save to the local S3 server", "ddptrain save to s3://",
-                  "raw s3fs upload of the same bytes", unit="MB/s", goal=">= 0.8",
-                  notes="skipped: TODO, S3 support is not in this branch")
+def b7_s3_save(work: str, reps: int) -> Result:
+    """B7: ddptrain's DCP save to a private SeaweedFS on 127.0.0.1 vs a raw s3fs upload of
+    the same bytes to the same server (bench/s3_save.py, default part size and threads)."""
+    out = os.path.join(work, "s3_save")
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "s3_save.py"), "--out", out,
+           "--reps", str(reps)]
+    with open(os.path.join(work, "s3_save.log"), "w", encoding="utf-8") as log_file:
+        subprocess.run(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, check=True)
+    with open(out + ".json", encoding="utf-8") as f:
+        data = json.load(f)
+    row = data["results"][0]  # the default configuration
+    mb = row["bytes"] / 1e6
+    return Result("B7", "save to the local S3 server", "ddptrain save to s3:// (DCP, commit)",
+                  "raw s3fs upload of the same bytes (one object per rank file)",
+                  unit="MB/s", subject_value=mb / row["ddptrain median s"],
+                  reference_value=mb / row["raw pipe median s"], goal=">= 0.8",
+                  notes=f"{mb:.0f} MB, {row['block_size_mb']} MiB parts, "
+                        f"{row['thread_count']} threads, median of {reps} interleaved "
+                        f"repetitions; {data['meta']['server']}; client and server share "
+                        "the CPUs",
+                  samples={"runs": row["runs"]})

@@ -130,6 +130,10 @@ class SampleRecorder:
         self.out = _JsonLines(os.path.join(run_dir, f"samples-rank{rank}.jsonl")) \
             if enabled else None
 
+    @property
+    def enabled(self) -> bool:
+        return self.out is not None
+
     def record(self, step: int, epoch: int, indices: list[int]) -> None:
         if self.out is not None:
             self.out.write({"step": step, "epoch": epoch, "indices": indices})

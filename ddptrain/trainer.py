@@ -260,8 +260,9 @@ class Trainer:
         self._optimizer_step()
         self.step += 1
 
-        indices = torch.cat([batch[2] for batch in micro_batches]).tolist()
-        self.samples.record(self.step, self.epoch_of(self.step), indices)
+        if self.samples.enabled:
+            indices = torch.cat([batch[2] for batch in micro_batches]).tolist()
+            self.samples.record(self.step, self.epoch_of(self.step), indices)
         self.logger.advance()
         self._track_throughput(data_wait, time.perf_counter() - started)
         if self.step % self.cfg.log.every_steps == 0 or self.step == self.total_steps:
