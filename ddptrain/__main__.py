@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                 write_status(cfg.run.dir, "failed", message=str(exc)[:500])
         return int(ExitCode.FAILED)
     except user_errors as exc:
-        if rank == 0 or not isinstance(exc, (ConfigError, DataError, ModelError,
-                                             StorageError)):
+        if trainer is not None and rank == 0:  # logged, and kept in events.jsonl
+            trainer.logger.event("bad_input", level=logging.ERROR, message=str(exc))
+        elif rank == 0 or not isinstance(exc, (ConfigError, DataError, ModelError,
+                                               StorageError)):
             log.error("%s", exc)
         if rank == 0:
             with contextlib.suppress(OSError):  # an unwritable run.dir is reported above

@@ -10,6 +10,7 @@ import time
 from typing import Any, Optional
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class RunLogger:
         self.events: Optional[_JsonLines] = None
         self.tb = None
         self.bar: Optional[tqdm] = None
+        self._redirect = None
         if not is_main:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -66,6 +68,10 @@ class RunLogger:
         show_bar = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
         if show_bar:
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+            # The package's console log lines go through tqdm.write so they do not tear
+            # the bar; each line is printed once, by logging.
+            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger("ddptrain")])
+            self._redirect.__enter__()
 
     def event(self, name: str, level: int = logging.INFO, message: str = "",
               **fields: Any) -> None:
@@ -93,8 +99,6 @@ class RunLogger:
             return
         line = (f"step {step}/{self.total_steps} | epoch {epoch} | loss {loss:.4f} | "
                 f"lr {lr:.3e} | {images_per_s:,.0f} img/s | data wait {data_wait:.0%}")
-        if self.bar is not None:
-            self.bar.write(line)
         log.info("%s", line)
         self.metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": loss,
                             "lr": lr, "images_per_s": images_per_s, "data_wait": data_wait,
@@ -118,6 +122,9 @@ class RunLogger:
                 self.tb.add_scalar(f"val/{key}", value, step)
 
     def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         for closeable in (self.bar, self.tb, self.metrics, self.events):
             if closeable is not None:
                 closeable.close()

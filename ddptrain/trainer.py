@@ -149,6 +149,8 @@ class Trainer:
     def run(self) -> ExitCode:
         self._prepare_run()
         self.resume()
+        # Only now: a run refused on resume (another run's checkpoints) changes nothing.
+        self._write_resolved_config()
         self.logger.start_at(self.step)
         while self.step < self.total_steps:
             for micro_batches, data_wait in self._epoch_batches():
@@ -167,11 +169,6 @@ class Trainer:
 
     def _prepare_run(self) -> None:
         self.ckpt.probe()  # all ranks: write, read back, delete a tiny object
-        if self.info.is_main:
-            with open(os.path.join(self.cfg.run.dir, "config.yaml"), "w") as f:
-                import yaml
-                yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
-        dist.barrier()
         self.logger.event("run_started", world_size=self.info.world_size,
                           device=str(self.device), data=self.data.description,
                           model=self.cfg.model.name, total_steps=self.total_steps,
@@ -180,6 +177,16 @@ class Trainer:
                           slurm_restart_count=os.environ.get("SLURM_RESTART_COUNT"),
                           torchrun_restart_count=os.environ.get("TORCHELASTIC_RESTART_COUNT"))
         self._write_status("running")
+
+    def _write_resolved_config(self) -> None:
+        """``<run.dir>/config.yaml``: the config this run trains with (secrets redacted)."""
+        if self.info.is_main:
+            import yaml
+
+            path = os.path.join(self.cfg.run.dir, "config.yaml")
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
+            os.replace(path + ".tmp", path)
 
     def finish(self) -> ExitCode:
         if self.evaluated_step != self.step:

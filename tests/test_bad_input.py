@@ -75,10 +75,21 @@ def test_checkpoint_location_not_usable(saved_run, tmp_path):
 
 
 def test_checkpoint_of_another_architecture_is_refused(saved_run):
+    from tests.launch import events
+
+    config_path = os.path.join(saved_run, "config.yaml")
+    with open(config_path, encoding="utf-8") as f:
+        config_before = f.read()
     err = fails_cleanly(saved_run, "--model.name", "resnet18")
     assert "belongs to a different run" in err
     assert "model.name: checkpoint has 'cnn', this run has 'resnet18'" in err
     assert "--ckpt.dir" in err
+    # The refused run leaves the saved run's resolved config alone and says why it stopped.
+    with open(config_path, encoding="utf-8") as f:
+        assert f.read() == config_before
+    assert "name: cnn" in config_before
+    refused = events(saved_run, "bad_input")
+    assert refused and "belongs to a different run" in refused[-1]["message"]
 
 
 def test_global_batch_not_divisible_by_world_size(saved_run):
