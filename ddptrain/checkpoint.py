@@ -107,6 +107,9 @@ class CheckpointManager:
         self.async_saver = (AsyncSaver(async_mode, info.device, cache_staging)
                             if async_mode != "off" else None)
         self._in_flight: Optional[InFlightSave] = None
+        #: Steps whose complete checkpoint failed to load in this run: a save of such a
+        #: step replaces the directory (the resumed run recomputed that very state).
+        self._unloadable: set[int] = set()
         self._last_async: Optional[tuple[int, bool]] = None  # (step, committed here)
 
     # -- location check --------------------------------------------------------------------
@@ -297,14 +300,23 @@ class CheckpointManager:
         emit = emit or self.emit
         if not self.storage.exists(name):
             return True
+        if self.storage.is_file(name):
+            raise CheckpointError(f"{self.storage.describe(name)} is a file, not a "
+                                  "checkpoint directory; move it out of ckpt.dir")
         status = verify(self.storage, name)
-        if status.complete:
+        # A directory of this step without a commit is the leftover of a crashed attempt;
+        # a damaged or unloadable one has been recomputed by this run from an older one.
+        if status.complete and status.step in self._unloadable:
+            emit("replacing_unloadable", level=logging.WARNING, step=status.step,
+                 message=f"{self.storage.describe(name)} failed to load at the start of "
+                         "this run; replacing it with the state recomputed from an older "
+                         "checkpoint")
+        elif status.complete:
             emit("checkpoint_exists", step=status.step, level=logging.INFO,
                  message=f"{self.storage.describe(name)} is already complete (a rerun "
                          "reproduces the same state); not overwriting it")
             return False
-        # A directory of this step without a commit is the leftover of a crashed attempt.
-        if not status.empty:
+        elif not status.empty:
             emit("removed_incomplete", level=logging.WARNING, step=status.step,
                  location=self.storage.describe(name), problem=status.problem)
         self.storage.delete_tree(name)
@@ -341,14 +353,26 @@ class CheckpointManager:
     # -- discovery + load ------------------------------------------------------------------
     @keeps_python_random
     def find_candidates(self) -> list[tuple[str, Manifest]]:
-        """Rank 0 scans; all ranks get the complete checkpoints, newest first."""
+        """Rank 0 scans; all ranks get the complete checkpoints, newest first.
+
+        Raises CheckpointError when there is none but some committed checkpoint has been
+        damaged since: starting from scratch would overwrite it.
+        """
         found = self._guarded(self._scan_complete) if self.info.is_main else None
         found = dist.broadcast_object(found)
         if isinstance(found, str):
             raise CheckpointError(f"listing {self.storage.describe()} failed: {found}")
+        found, damaged = found
+        if not found and damaged:
+            raise CheckpointError(
+                f"{self.storage.describe()} has no complete checkpoint, but committed ones "
+                f"that are damaged: {'; '.join(damaged)}. Not starting from scratch over "
+                "them: restore or move them away, or use a new --ckpt.dir (nothing was "
+                "changed or deleted).")
         return found
 
-    def _scan_complete(self) -> list[tuple[str, Manifest]]:
+    def _scan_complete(self) -> tuple[list[tuple[str, Manifest]], list[str]]:
+        """Rank 0: the complete checkpoints and the damaged ones (as 'name: problem')."""
         statuses = scan(self.storage)
         found = [(s.name, s.manifest) for s in statuses if s.complete]
         newest = found[0][1].step if found else -1
@@ -356,7 +380,7 @@ class CheckpointManager:
             if not s.complete and not s.empty and s.step > newest:
                 self.emit("skipped_incomplete", level=logging.WARNING,
                           location=self.storage.describe(s.name), problem=s.problem)
-        return found
+        return found, [f"{s.name}: {s.problem}" for s in statuses if s.damaged]
 
     def load_latest(self, state_for: Callable[[Manifest], dict[str, Any]]
                     ) -> Optional[tuple[Manifest, dict[str, Any]]]:
@@ -382,9 +406,10 @@ class CheckpointManager:
                 error = exc
             if not dist.any_rank(error is not None):
                 return manifest, state
+            self._unloadable.add(manifest.step)
             self.emit("checkpoint_load_failed", level=logging.WARNING, step=manifest.step,
                       location=self.storage.describe(name),
-                      error=self.storage.scrub(str(error)[:500]) if error else "another rank")
+                      error=self.storage.scrub(error_text(error, "on another rank")))
         if candidates:
             raise CheckpointError(
                 f"none of the {len(candidates)} complete checkpoints in "

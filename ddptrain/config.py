@@ -280,6 +280,10 @@ def validate(cfg: Config) -> None:
          cfg.data.image_size, "must be >= 4 or unset")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
     need(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
+    need(0.0 <= cfg.optim.momentum < 1.0, "optim.momentum", cfg.optim.momentum,
+         "must be >= 0 and < 1")
+    need(all(0.0 <= b < 1.0 for b in cfg.optim.betas), "optim.betas", cfg.optim.betas,
+         "each must be >= 0 and < 1")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay,
          "must be >= 0")
     need(cfg.sched.warmup_steps >= 0, "sched.warmup_steps", cfg.sched.warmup_steps,

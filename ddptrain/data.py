@@ -87,7 +87,9 @@ class KeyedDataset(Dataset):
         try:
             image, label = self.load(index)
         except Exception as exc:  # re-raised with the file named; nothing is swallowed
-            raise DataError(f"cannot read {self.describe(index)}: {exc}") from exc
+            raise DataError(f"cannot read {self.describe(index)}: {exc}; replace or remove "
+                            "it and rerun (training resumes from the newest complete "
+                            "checkpoint)") from exc
         image = _to_channels(image, self.channels)
         if epoch == EVAL_EPOCH or not self.has_random_ops:
             return self.eval_transform(image), label, index

@@ -22,7 +22,7 @@ from ddptrain.storage import Storage
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-STEP_DIR_PATTERN = re.compile(r"^step-(\d+)$")
+STEP_DIR_PATTERN = re.compile(r"^step-(\d{8,})$")
 
 
 def step_dirname(step: int) -> str:
@@ -30,8 +30,12 @@ def step_dirname(step: int) -> str:
 
 
 def parse_step(name: str) -> Optional[int]:
+    """The step of a checkpoint directory name, or None for any other name (also for
+    ``step-5`` or ``step-000000005``: only the names ddptrain writes count)."""
     match = STEP_DIR_PATTERN.match(name)
-    return int(match.group(1)) if match else None
+    if match is None or step_dirname(int(match.group(1))) != name:
+        return None
+    return int(match.group(1))
 
 
 @dataclass
@@ -69,6 +73,9 @@ class CheckpointStatus:
     manifest: Optional[Manifest]
     problem: str = ""
     empty: bool = False  # no files at all: nothing, not even a failed save
+    #: Has a manifest.json that does not verify: it was committed once and has been
+    #: damaged since (a save that never committed has no manifest).
+    damaged: bool = False
 
     @property
     def complete(self) -> bool:
@@ -86,18 +93,23 @@ def verify(storage: Storage, name: str) -> CheckpointStatus:
     try:
         manifest = Manifest.from_json(storage.read_text(name, MANIFEST_NAME))
     except (ValueError, TypeError, KeyError) as exc:
-        return CheckpointStatus(name, step, None, f"unreadable manifest.json: {exc}")
+        return _damaged(name, step, f"unreadable manifest.json: {exc}")
     if manifest.step != step:
-        return CheckpointStatus(name, step, None, f"manifest says step {manifest.step}")
+        return _damaged(name, step, f"manifest says step {manifest.step}")
     if ".metadata" not in manifest.files:
-        return CheckpointStatus(name, step, None, "manifest lists no .metadata")
+        return _damaged(name, step, "manifest lists no .metadata")
     for fname, size in sorted(manifest.files.items()):
         if fname not in files:
-            return CheckpointStatus(name, step, None, f"missing file {fname}")
+            return _damaged(name, step, f"missing file {fname}")
         if files[fname] != size:
-            return CheckpointStatus(name, step, None,
-                                    f"{fname} has {files[fname]} bytes, manifest says {size}")
+            return _damaged(name, step, f"{fname} has {files[fname]} bytes, manifest says "
+                                        f"{size}")
     return CheckpointStatus(name, step, manifest)
+
+
+def _damaged(name: str, step: int, problem: str) -> CheckpointStatus:
+    return CheckpointStatus(name, step, None, f"{problem} (committed, then damaged)",
+                            damaged=True)
 
 
 def scan(storage: Storage) -> list[CheckpointStatus]:

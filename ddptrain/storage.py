@@ -132,6 +132,9 @@ class Storage:
         self.fs.invalidate_cache(self.path(*parts))
         return self.fs.exists(self.path(*parts))
 
+    def is_file(self, *parts: str) -> bool:
+        return self.fs.isfile(self.path(*parts))
+
     def read_text(self, *parts: str) -> str:
         return self.fs.cat_file(self.path(*parts)).decode("utf-8")
 

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import tempfile
 import time
 from contextlib import nullcontext
 from enum import IntEnum
@@ -70,6 +71,17 @@ def write_status(run_dir: str, state: str, **fields: Any) -> None:
     os.replace(path + ".tmp", path)
 
 
+def check_run_dir(run_dir: str) -> None:
+    """``run.dir`` exists (or is created) and takes files; ConfigError naming it if not."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"run.dir={run_dir!r} is not a writable directory ({exc}); "
+                          "choose another --run.dir") from exc
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: dist.DistInfo):
         self.cfg = cfg
@@ -80,6 +92,7 @@ class Trainer:
         self.saved_step = -1
         # First, so that a stop signal during the (possibly slow) setup is not fatal.
         self.stop = StopRequest(cfg.preempt.signals)
+        check_run_dir(cfg.run.dir)
 
         self._build_data()
         self._build_model()

@@ -180,8 +180,31 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+#: Parses and validates ddptrain's arguments exactly as a rank would, without training.
+CHECK_CONFIG = """import sys
+from ddptrain.config import ConfigError, parse_config
+try:
+    parse_config(sys.argv[1:])
+except ConfigError as exc:
+    sys.exit(f"error: {exc}")
+"""
+
+
+def check_arguments(args: argparse.Namespace) -> bool:
+    """A bad ddptrain argument fails before any rank starts, and writes no status.json:
+    find it once here instead of rerunning torchrun on it until --max-failures."""
+    proc = subprocess.run([args.python, "-c", CHECK_CONFIG, *args.ddptrain_args,
+                           "--run.dir", args.run_dir], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        say("ddptrain rejected its arguments (above); not starting training")
+    return proc.returncode == 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if not check_arguments(args):
+        return EXIT_BAD_INPUT
     supervisor = Supervisor(torchrun_command(args), args.run_dir, args.retry_delay,
                             args.max_failures)
     return supervisor.run()

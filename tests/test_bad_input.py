@@ -116,3 +116,13 @@ def test_changed_schedule_on_resume_is_named_in_a_warning(saved_run):
           "--train.epochs", "20", nproc=0)
     [warning] = events(saved_run, "schedule_from_checkpoint")
     assert "total_steps: checkpoint 66, config 440" in warning["message"]
+
+
+def test_run_dir_that_is_a_file_is_named(tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("precious")
+    proc = train(str(path), "--ckpt.dir", str(tmp_path / "ckpts"), nproc=0, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"run.dir={str(path)!r} is not a writable directory" in proc.stderr
+    assert "--run.dir" in proc.stderr and "Traceback" not in proc.stderr
+    assert path.read_text() == "precious"

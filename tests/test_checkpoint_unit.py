@@ -14,7 +14,8 @@ import torch
 
 from ddptrain import dist
 from ddptrain.checkpoint import (MANIFEST_NAME, CheckpointError, CheckpointManager,
-                                 Manifest, RunIdentityMismatch, scan, verify)
+                                 Manifest, RunIdentityMismatch, scan, step_dirname,
+                                 verify)
 from ddptrain.storage import Storage
 
 IDENTITY = {"model.name": "cnn", "run.seed": 0}
@@ -87,14 +88,28 @@ def test_load_latest_returns_newest_complete_state(storage, info):
 
 
 def test_steps_sort_as_numbers_and_retention_keeps_the_newest(storage, info):
-    for name in ("step-9800", "step-9900", "step-10000"):
-        fake_checkpoint(storage, name)
-    fake_checkpoint(storage, "step-9950", complete=False)   # older than newest: debris
-    fake_checkpoint(storage, "step-10100", complete=False)  # newer: maybe in progress
-    assert [s.step for s in scan(storage)] == [10100, 10000, 9950, 9900, 9800]
+    # Past 10**8 steps the names grow a digit: "step-100000000" < "step-99999900" as text.
+    for step in (99_999_800, 99_999_900, 100_000_000):
+        fake_checkpoint(storage, step_dirname(step))
+    fake_checkpoint(storage, step_dirname(99_999_950), complete=False)  # older: debris
+    fake_checkpoint(storage, step_dirname(100_000_100), complete=False)  # newer: in progress
+    assert [s.step for s in scan(storage)] == [100_000_100, 100_000_000, 99_999_950,
+                                               99_999_900, 99_999_800]
 
     manager(storage, info, keep_last=2).prune()
-    assert sorted(storage.list_dirs()) == ["step-10000", "step-10100", "step-9900"]
+    assert sorted(storage.list_dirs()) == ["step-100000000", "step-100000100",
+                                           "step-99999900"]
+
+
+def test_only_names_ddptrain_writes_are_checkpoints(storage, info):
+    """``step-5`` or ``step-000000005`` are someone else's: never listed, never pruned."""
+    for name in ("step-5", "step-000000005", "step-abc"):
+        fake_checkpoint(storage, name, complete=False)
+    save(manager(storage, info, keep_last=1), 7)
+    save(manager(storage, info, keep_last=1), 8)
+    assert [s.name for s in scan(storage)] == ["step-00000008"]
+    assert sorted(storage.list_dirs()) == ["step-000000005", "step-00000008", "step-5",
+                                           "step-abc"]
 
 
 def test_retention_never_deletes_the_newest_complete(storage, info):
@@ -105,12 +120,51 @@ def test_retention_never_deletes_the_newest_complete(storage, info):
 
 
 def test_size_mismatch_or_missing_file_is_incomplete(storage, info):
-    fake_checkpoint(storage, "step-1")
-    storage.fs.pipe_file(storage.path("step-1", "__0_0.distcp"), b"x" * 9)
-    assert "bytes" in verify(storage, "step-1").problem
-    fake_checkpoint(storage, "step-2")
-    storage.fs.rm(storage.path("step-2", ".metadata"))
-    assert "missing" in verify(storage, "step-2").problem
+    fake_checkpoint(storage, "step-00000001")
+    storage.fs.pipe_file(storage.path("step-00000001", "__0_0.distcp"), b"x" * 9)
+    status = verify(storage, "step-00000001")
+    assert not status.complete and status.damaged and "bytes" in status.problem
+    fake_checkpoint(storage, "step-00000002")
+    storage.fs.rm(storage.path("step-00000002", ".metadata"))
+    status = verify(storage, "step-00000002")
+    assert not status.complete and status.damaged and "missing" in status.problem
+    fake_checkpoint(storage, "step-00000003", complete=False)
+    status = verify(storage, "step-00000003")
+    assert not status.complete and not status.damaged  # never committed
+
+
+def test_only_damaged_checkpoints_refuse_a_fresh_start(storage, info):
+    """Committed checkpoints whose files were damaged later are not overwritten by a run
+    that starts from scratch: the run stops and names them."""
+    fake_checkpoint(storage, "step-00000004")
+    storage.fs.pipe_file(storage.path("step-00000004", MANIFEST_NAME), b"{bad")
+    fake_checkpoint(storage, "step-00000006", complete=False)  # a crashed save: no problem
+    before = {n: storage.file_sizes(n) for n in storage.list_dirs()}
+    with pytest.raises(CheckpointError, match="step-00000004") as raised:
+        manager(storage, info).load_latest(lambda m: state(0.0))
+    assert "unreadable manifest.json" in str(raised.value)
+    assert "--ckpt.dir" in str(raised.value)
+    assert {n: storage.file_sizes(n) for n in storage.list_dirs()} == before
+
+
+def test_checkpoint_that_failed_to_load_is_rewritten_not_kept(storage, info):
+    """A resume that fell back past an unloadable checkpoint recomputes its step; that
+    save replaces the unloadable directory instead of keeping it as 'complete'."""
+    mgr = manager(storage, info)
+    save(mgr, 3)
+    save(mgr, 5)
+    metadata = storage.path("step-00000005", ".metadata")
+    size = storage.file_sizes("step-00000005")[".metadata"]
+    storage.fs.pipe_file(metadata, b"\0" * size)  # same size: the manifest still verifies
+    events = []
+    resumed = manager(storage, info, events=events)
+    manifest, _ = resumed.load_latest(lambda m: state(0.0))
+    assert manifest.step == 3
+    assert [f["step"] for n, f in events if n == "checkpoint_load_failed"] == [5]
+    assert save(resumed, 5)
+    assert [n for n, _ in events if n == "replacing_unloadable"] == ["replacing_unloadable"]
+    manifest, loaded = manager(storage, info).load_latest(lambda m: state(0.0))
+    assert manifest.step == 5 and torch.equal(loaded["model"]["w"], torch.full((3, 4), 5.))
 
 
 def test_incomplete_newer_is_skipped_with_a_warning_naming_it(storage, info):
@@ -156,3 +210,11 @@ def test_unusable_location_fails_the_probe_naming_it(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(Exception, match=r"ckpt.dir=.*file/ckpts"):
         Storage(str(blocker / "ckpts")).probe()
+
+
+def test_a_file_named_like_a_checkpoint_is_never_deleted(storage, info):
+    storage.makedirs()
+    storage.fs.pipe_file(storage.path("step-00000010"), b"precious")
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint directory"):
+        save(manager(storage, info), 10)
+    assert storage.read_text("step-00000010") == "precious"

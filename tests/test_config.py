@@ -50,9 +50,12 @@ def test_bad_choice_lists_the_allowed_values(capsys):
 def test_validation_reports_every_problem_with_its_key():
     with pytest.raises(ConfigError) as error:
         parse_config(["--ckpt.keep_last", "0", "--train.epochs", "0",
-                      "--data.val_fraction", "1.5"])
+                      "--data.val_fraction", "1.5", "--optim.momentum", "5",
+                      "--optim.betas", "[0.9, 1.5]"])
     message = str(error.value)
-    for key in ("ckpt.keep_last=0", "train.epochs=0", "data.val_fraction=1.5"):
+    for key in ("ckpt.keep_last=0", "train.epochs=0", "data.val_fraction=1.5",
+                "optim.momentum=5.0: must be >= 0 and < 1",
+                "optim.betas=(0.9, 1.5): each must be >= 0 and < 1"):
         assert key in message
 
 

@@ -44,6 +44,19 @@ def test_bad_input_is_not_retried(tmp_path):
     assert len(fake_log(tmp_path)) == 1
 
 
+def test_bad_arguments_fail_before_torchrun_starts(tmp_path):
+    """Real ddptrain argument parsing: a typo'd key and a cross-field rule are bad input
+    (exit 2) found before the first attempt, not crashes to retry."""
+    for bad in (["--train.epoch", "3"], ["--train.epochs", "0"]):
+        proc = subprocess.run([sys.executable, SUPERVISOR, "--run-dir", str(tmp_path / "r"),
+                               "--retry-delay", "0", "--", *bad],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert bad[0].lstrip("-") in proc.stderr and "not starting training" in proc.stderr
+        assert "attempt 1" not in proc.stderr
+        assert not (tmp_path / "r").exists()
+
+
 def test_gives_up_after_max_failures_in_a_row(tmp_path):
     proc = supervise(tmp_path, "crash preempted crash crash finished",
                      "--max-failures", "2")
