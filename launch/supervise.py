@@ -11,7 +11,8 @@ builds and runs
         -m ddptrain --config my.yaml --preempt.notice aws --run.dir /shared/runs/r1
 
 and decides from ``<run-dir>/status.json`` (not torchrun's exit status, which is 0 or 1)
-what to do when torchrun exits:
+what to do when torchrun exits (ddptrain's arguments are parsed and validated once before
+the first attempt: bad ones exit 2 without starting torchrun):
 
 * ``finished``: exit 0.
 * ``bad_input``: exit 2 (rerunning cannot help).
