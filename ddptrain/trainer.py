@@ -62,10 +62,13 @@ def write_status(run_dir: str, state: str, **fields: Any) -> None:
     row = {"state": state, "exit_code": STATUS_EXIT_CODES.get(state), **fields,
            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "time_unix": time.time()}
     os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, STATUS_FILE)
+    replace_file(os.path.join(run_dir, STATUS_FILE), json.dumps(row) + "\n")
+
+
+def replace_file(path: str, text: str) -> None:
+    """Write ``text`` to a temp file, fsync it and rename it over ``path`` (atomic)."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(row, f)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
@@ -108,7 +111,6 @@ class Trainer:
 
         self.storage = Storage(cfg.ckpt_dir, cfg.ckpt.storage_options,
                                block_size=cfg.ckpt.block_size_mb * MiB)
-        os.makedirs(cfg.run.dir, exist_ok=True)
         self.logger = RunLogger(cfg.run.dir, info.is_main, self.total_steps,
                                 cfg.log.progress_bar, cfg.log.tensorboard)
         self.samples = SampleRecorder(cfg.run.dir, info.rank, cfg.log.sample_ids)
@@ -196,10 +198,8 @@ class Trainer:
         if self.info.is_main:
             import yaml
 
-            path = os.path.join(self.cfg.run.dir, "config.yaml")
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
-            os.replace(path + ".tmp", path)
+            replace_file(os.path.join(self.cfg.run.dir, "config.yaml"),
+                         yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
 
     def finish(self) -> ExitCode:
         if self.evaluated_step != self.step:
