@@ -29,8 +29,12 @@ because at most one save is in flight and the next one waits for it before stagi
 
 Limits:
 
-* TODO: start the ``process`` helper at startup instead of on the first save (it takes a
-  few seconds there, and a save asked for meanwhile waits for it).
+* DCP starts its ``process`` helper on the first save, where spawning it (a new Python
+  that imports torch and joins a process group) takes seconds of CPU from training.
+  :class:`AsyncSaver` starts it at construction instead, in the launcher thread, and
+  the trainer waits for it before its first step (:meth:`AsyncSaver.wait_until_ready`).
+  That reaches into DCP's private ``_async_process_executor`` module; on a torch where
+  those names are gone, DCP starts the helper lazily as before.
 * In ``process`` mode a stop signal sent to the whole process group (Slurm signals every
   process of a step) also ends DCP's helper process; the save in flight then fails and
   is not committed, and the preemption checkpoint is written synchronously as usual.
@@ -44,6 +48,7 @@ Limits:
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -123,6 +128,23 @@ class AsyncSaver:
         self._launcher = ThreadPoolExecutor(1, thread_name_prefix="ddptrain-ckpt")
         # Background collectives must not share a group with the training thread's.
         self.group = torch_dist.new_group(backend="gloo")
+        # Queued first on the one launcher thread, so every save runs after it.
+        self._helper: Optional[Future] = (self._launcher.submit(_start_dcp_helper, self.group)
+                                          if mode == "process" else None)
+
+    def wait_until_ready(self) -> Optional[float]:
+        """Block until the ``process`` helper has started (call before the first step, on
+        every rank). Returns the seconds its start took, or None if there was none to
+        wait for; raises if it could not be started."""
+        if self._helper is None:
+            return None
+        helper, self._helper = self._helper, None
+        try:
+            return helper.result()
+        except Exception as exc:
+            raise RuntimeError(f"ckpt.async_mode=process: DCP's checkpoint helper process "
+                               f"did not start ({exc}); use --ckpt.async_mode thread or "
+                               f"off") from exc
 
     def start(self, job: SaveJob) -> BackgroundWrite:
         """Hand ``job`` to the launcher thread; returns at once (training thread)."""
@@ -204,6 +226,22 @@ class AsyncSaver:
         if self._cached_stager is not None:
             self._cached_stager.close()
             self._cached_stager = None
+
+
+def _start_dcp_helper(group) -> Optional[float]:
+    """Start the helper process that DCP's process-based async save writes from, as DCP
+    itself would on its first save (collective over ``group``). Returns the seconds it
+    took, or None if this torch has no such module (DCP then starts it lazily)."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    process_class = getattr(executor, "_AsyncCheckpointProcess", None)
+    init_info_class = getattr(executor, "_ProcessGroupInitInfo", None)
+    if (process_class is None or init_info_class is None
+            or getattr(executor, "_CHECKPOINT_PROCESS", "absent") is not None):
+        return None
+    started = time.monotonic()
+    executor._CHECKPOINT_PROCESS = process_class(pg_init_info=init_info_class(group))
+    return time.monotonic() - started
 
 
 @dataclass

@@ -197,6 +197,14 @@ class CheckpointManager:
         """The async save in flight (read-only; for reports and benchmarks)."""
         return self._in_flight
 
+    def wait_until_ready(self) -> None:
+        """Before the first step: let the async saver's helper process finish starting,
+        so that it does not take CPU from training (``process`` mode only)."""
+        seconds = self.async_saver.wait_until_ready() if self.async_saver else None
+        if seconds is not None:
+            self.emit("async_helper_started", seconds=round(seconds, 3),
+                      message=f"DCP's checkpoint helper process started in {seconds:.1f} s")
+
     def wait_for_staging(self) -> None:
         """Block until the async save in flight has copied the state; call it before the
         optimizer step (anything that changes parameters or optimizer state)."""

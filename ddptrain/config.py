@@ -168,7 +168,7 @@ class CkptConfig:
     parameters and optimizer state are copied to host memory during the next
     forward/backward (whose optimizer step waits for the copy) and written by a thread or
     by a helper process per rank (process: no GIL shared with training, costs a process
-    and shared memory). A save is committed when every rank has written it; at most one
+    started during setup and shared memory). A save is committed when every rank has written it; at most one
     is in flight: the next save, a stop and the end of training wait for it. Final and
     preemption checkpoints are always written synchronously."""
     cache_staging: bool = True

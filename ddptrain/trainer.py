@@ -166,6 +166,7 @@ class Trainer:
         self.resume()
         # Only now: a run refused on resume (another run's checkpoints) changes nothing.
         self._write_resolved_config()
+        self.ckpt.wait_until_ready()
         self.logger.start_at(self.step)
         while self.step < self.total_steps:
             for micro_batches, data_wait in self._epoch_batches():

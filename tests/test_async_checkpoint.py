@@ -98,6 +98,18 @@ def test_staging_isolates_the_checkpoint_from_later_steps(reference, delayed):
     assert_bitwise_equal(reference, run_dir, "step-00000020")
 
 
+def test_process_helper_starts_before_the_first_step(delayed):
+    """DCP would spawn its helper on the first save, taking seconds of CPU from training;
+    ddptrain starts it during setup and begins training only once it is up."""
+    mode, run_dir = delayed
+    helper = events(run_dir, "async_helper_started")
+    if mode == "thread":
+        assert helper == []
+        return
+    assert len(helper) == 1 and helper[0]["seconds"] > 0
+    assert helper[0]["time"] <= events(run_dir, "first_step")[0]["time"]
+
+
 def test_next_save_waits_for_the_one_in_flight(delayed):
     _, run_dir = delayed
     step_22 = [e for e in events(run_dir, "checkpoint_started") if e["step"] == 22][0]
