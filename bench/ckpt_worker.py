@@ -188,7 +188,7 @@ class Bench:
                  ) -> None:
         path = os.path.join(self.work_dir, name)
         options = {"sync_files": True, "thread_count": 1, **writer_options}
-        state = self.trainer.state_dict()
+        state = self.trainer.state.full(self.trainer.step)
         torch.serialization.set_crc32_options(crc32)
         try:
             self.record(name, wall(lambda: dcp.save(

@@ -1,7 +1,7 @@
 """Entry point: ``torchrun --nproc_per_node=N -m ddptrain [--config F] [--a.b V ...]``.
 
 Sets up logging, parses the config, initialises the process group, runs the trainer and
-always tears the process group down. Exit status: see :class:`ddptrain.trainer.ExitCode`.
+always tears the process group down. Exit status: see :class:`ddptrain.run_files.ExitCode`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from ddptrain import dist
+from ddptrain import startup_signals
 
 log = logging.getLogger("ddptrain")
 
@@ -28,14 +28,18 @@ def setup_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    startup_signals.catch()  # before torch is imported (seconds): a stop then is kept
+    from ddptrain import dist
+
     rank = dist.launched_rank()
     setup_logging(rank)
     from ddptrain.checkpoint import CheckpointError, SaveError
     from ddptrain.config import ConfigError, parse_config, validate_for_world
     from ddptrain.data import DataError
     from ddptrain.model import ModelError
+    from ddptrain.run_files import ExitCode, write_status
     from ddptrain.storage import StorageError
-    from ddptrain.trainer import ExitCode, Trainer, write_status
+    from ddptrain.trainer import Trainer
 
     try:
         cfg = parse_config(argv)  # argument errors exit with status 2 and the usage text
@@ -86,7 +90,7 @@ def exit_status(code: int) -> int:
     any non-zero exit, and a requested stop must do neither. torchrun reduces worker
     failures to its own status 1 anyway, so scripts read <run.dir>/status.json.
     """
-    from ddptrain.trainer import ExitCode
+    from ddptrain.run_files import ExitCode
 
     if code == ExitCode.PREEMPTED and os.environ.get("TORCHELASTIC_RUN_ID"):
         return int(ExitCode.FINISHED)

@@ -90,16 +90,29 @@ def export(ckpt_dir: str, out: str, name: Optional[str] = None,
         (s for s in scan(storage) if s.complete), None)
     if status is None or not status.complete:
         raise SystemExit(f"{storage.describe(name or '')}: no complete checkpoint to export")
-    reader = storage.dcp_reader(status.name)
-    metadata = reader.read_metadata()
+    try:
+        weights = _read_model_weights(storage, status.name)
+    # A same-size damaged file passes the manifest's size check; unpickling its garbage
+    # ends in anything from UnpicklingError to MemoryError. DCP's CheckpointException
+    # is a BaseException.
+    except (Exception, dcp.api.CheckpointException) as exc:
+        raise SystemExit(f"{storage.describe(status.name)}: could not be read, it may be "
+                         f"damaged ({type(exc).__name__}: {str(exc)[:300]}); export "
+                         "another step with --name") from None
+    torch.save({key[len("model."):]: value for key, value in weights.items()}, out)
+    print(f"wrote {len(weights)} tensors of {storage.describe(status.name)} to {out}")
+
+
+def _read_model_weights(storage: Storage, name: str) -> dict[str, torch.Tensor]:
+    """The ``model.*`` tensors of checkpoint ``name``, read in this one process."""
+    metadata = storage.dcp_reader(name).read_metadata()
     weights = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
                for key, meta in metadata.state_dict_metadata.items()
                if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
     with warnings.catch_warnings():  # single-process load is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(weights, storage_reader=storage.dcp_reader(status.name), no_dist=True)
-    torch.save({key[len("model."):]: value for key, value in weights.items()}, out)
-    print(f"wrote {len(weights)} tensors of {storage.describe(status.name)} to {out}")
+        dcp.load(weights, storage_reader=storage.dcp_reader(name), no_dist=True)
+    return weights
 
 
 def main() -> None:

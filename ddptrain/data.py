@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from ddptrain import dist
 from ddptrain.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,17 @@ class KeyedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def unreadable(self, indices: Sequence[int]) -> list[str]:
+        """The samples among ``indices`` that cannot be read and decoded, as
+        ``'<what>: <error>'`` (for data.verify_images)."""
+        problems = []
+        for index in indices:
+            try:
+                self.load(index)
+            except Exception as exc:
+                problems.append(f"{self.describe(index)}: {exc}")
+        return problems
+
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         try:
@@ -96,6 +108,21 @@ class KeyedDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_derive_seed(self.seed, epoch, index))
             return self.train_transform(image), label, index
+
+
+def verify_readable(data: SplitData, rank: int, world_size: int) -> None:
+    """Collective: every rank reads its share of both splits; DataError on every rank,
+    naming the unreadable files (at most 20, and how many in all), if any is."""
+    mine = [problem for split in (data.train, data.val)
+            for problem in split.unreadable(range(rank, len(split), world_size))]
+    problems = sorted(p for rank_problems in dist.all_gather_object(mine)
+                      for p in rank_problems)
+    if problems:
+        shown = "; ".join(problems[:20])
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise DataError(f"data.verify_images: {len(problems)} unreadable sample(s): "
+                        f"{shown}{more}. Replace or remove them and rerun")
+    log.info("data.verify_images: all %d samples read", len(data.train) + len(data.val))
 
 
 def _to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:

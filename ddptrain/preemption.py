@@ -24,11 +24,11 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ddptrain import dist
+from ddptrain import dist, startup_signals
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+DEFAULT_STOP_SIGNALS = startup_signals.EARLY_SIGNALS
 NOTICE_URLS = {
     "aws": "http://169.254.169.254/latest/meta-data/spot/instance-action",
     "gcp": "http://metadata.google.internal/computeMetadata/v1/instance/preempted",
@@ -50,17 +50,34 @@ class StopRequest:
         for name in signal_names:
             signum = getattr(signal, name)
             self._previous[signum] = signal.signal(signum, self._on_signal)
+        self._take_over_startup_signals()
+
+    def _take_over_startup_signals(self) -> None:
+        """A stop signal that arrived during setup (see ddptrain.startup_signals) is a
+        request like any other; :meth:`restore` goes back to the handlers from before."""
+        originals, received = startup_signals.hand_over()
+        for signum, original in originals.items():
+            if signum in self._previous:
+                self._previous[signum] = original
+            else:  # caught during setup, but not one of this run's stop signals
+                signal.signal(signum, original)
+        for signum, at in received:
+            if signum in self._previous:
+                self.request(signal.Signals(signum).name, at=at)
+            else:
+                signal.raise_signal(signum)  # what it would have done without ddptrain
 
     def _on_signal(self, signum: int, _frame) -> None:
         if signum == signal.SIGINT and self.requested:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
         self.request(signal.Signals(signum).name)
 
-    def request(self, reason: str) -> None:
-        """Ask for a graceful stop; the first reason wins, later requests are ignored (a
-        second signal during the save changes nothing)."""
+    def request(self, reason: str, at: Optional[float] = None) -> None:
+        """Ask for a graceful stop (``at``: when, by time.monotonic(); default now); the
+        first reason wins, later requests are ignored (a second signal during the save
+        changes nothing)."""
         if self.reason is None:
-            self.requested_at = time.monotonic()
+            self.requested_at = time.monotonic() if at is None else at
             self.reason = reason
 
     @property

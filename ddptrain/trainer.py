@@ -8,82 +8,31 @@ size, CPU).
 
 from __future__ import annotations
 
-import copy
-import functools
-import json
 import logging
 import os
-import tempfile
 import time
 from contextlib import nullcontext
-from enum import IntEnum
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from ddptrain import dist, rng
 from ddptrain.checkpoint import CheckpointError, CheckpointManager, Manifest
 from ddptrain.config import Config, ConfigError, config_to_dict
 from ddptrain.data import (ResumableSampler, ShardSampler, build_datasets, make_loader,
-                           resolve_kind)
+                           resolve_kind, verify_readable)
 from ddptrain.metrics import RunLogger, SampleRecorder, seconds_since_process_start
 from ddptrain.model import build_model, input_channels
 from ddptrain.optim import build_optimizer, build_scheduler
 from ddptrain.preemption import (StopRequest, install_test_signal, start_launcher_watch,
                                  start_notice_watcher)
+from ddptrain.run_files import ExitCode, check_run_dir, write_resolved_config, write_status
 from ddptrain.storage import MiB, Storage
+from ddptrain.train_state import TrainState
 
 log = logging.getLogger(__name__)
-
-STATUS_FILE = "status.json"
-
-
-class ExitCode(IntEnum):
-    """Process exit status, for scripts (see README)."""
-
-    FINISHED = 0
-    FAILED = 1
-    BAD_INPUT = 2
-    PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a complete checkpoint; rerun
-
-
-STATUS_EXIT_CODES = {"finished": ExitCode.FINISHED, "preempted": ExitCode.PREEMPTED,
-                     "bad_input": ExitCode.BAD_INPUT, "failed": ExitCode.FAILED}
-
-
-def write_status(run_dir: str, state: str, **fields: Any) -> None:
-    """Atomically replace ``<run_dir>/status.json``: how the latest attempt ended
-    (running | finished | preempted | bad_input | failed) for launch scripts, which cannot
-    rely on torchrun's exit status (see README, Exit status)."""
-    row = {"state": state, "exit_code": STATUS_EXIT_CODES.get(state), **fields,
-           "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "time_unix": time.time()}
-    os.makedirs(run_dir, exist_ok=True)
-    replace_file(os.path.join(run_dir, STATUS_FILE), json.dumps(row) + "\n")
-
-
-def replace_file(path: str, text: str) -> None:
-    """Write ``text`` to a temp file, fsync it and rename it over ``path`` (atomic)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def check_run_dir(run_dir: str) -> None:
-    """``run.dir`` exists (or is created) and takes files; ConfigError naming it if not."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"run.dir={run_dir!r} is not a writable directory ({exc}); "
-                          "choose another --run.dir") from exc
-
 
 class Trainer:
     def __init__(self, cfg: Config, info: dist.DistInfo):
@@ -108,6 +57,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=cfg.train.precision == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.state = TrainState(self.module, self.optimizer, self.scheduler, self.scaler,
+                                info, cfg.train.global_batch_size)
 
         self.storage = Storage(cfg.ckpt_dir, cfg.ckpt.storage_options,
                                block_size=cfg.ckpt.block_size_mb * MiB)
@@ -129,6 +80,8 @@ class Trainer:
     def _build_data(self) -> None:
         cfg, info = self.cfg, self.info
         self.data = build_datasets(cfg.data, cfg.run.seed, input_channels(cfg.model.name))
+        if cfg.data.verify_images:
+            verify_readable(self.data, info.rank, info.world_size)
         global_batch = cfg.train.global_batch_size
         self.steps_per_epoch = len(self.data.train) // global_batch
         if self.steps_per_epoch == 0:
@@ -167,6 +120,8 @@ class Trainer:
         # Only now: a run refused on resume (another run's checkpoints) changes nothing.
         self._write_resolved_config()
         self.ckpt.wait_until_ready()
+        if self.stop.agreed():  # a stop signal during setup: stop before the first step
+            return self.stop_for_preemption()
         self.logger.start_at(self.step)
         while self.step < self.total_steps:
             for micro_batches, data_wait in self._epoch_batches():
@@ -195,12 +150,8 @@ class Trainer:
         self._write_status("running")
 
     def _write_resolved_config(self) -> None:
-        """``<run.dir>/config.yaml``: the config this run trains with (secrets redacted)."""
         if self.info.is_main:
-            import yaml
-
-            replace_file(os.path.join(self.cfg.run.dir, "config.yaml"),
-                         yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+            write_resolved_config(self.cfg.run.dir, config_to_dict(self.cfg))
 
     def finish(self) -> ExitCode:
         if self.evaluated_step != self.step:
@@ -212,7 +163,7 @@ class Trainer:
 
     def stop_for_preemption(self) -> ExitCode:
         self.wait_for_async_save()
-        if self.saved_step != self.step:
+        if self.saved_step != self.step and self.step > 0:  # step 0 is the seed's to redo
             self.save("preempt")
         waited = self.stop.seconds_since_first_request()
         self.logger.event("preempted", step=self.step, reason=self.stop.reason or "peer rank",
@@ -326,7 +277,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> None:
         """Loss, top-1 and top-5 over the validation split; each sample counted once."""
-        self.sync_buffers()
+        self.state.sync_buffers()
         self.module.eval()
         sampler = ShardSampler(len(self.data.val), self.info.rank, self.info.world_size)
         loader = make_loader(self.data.val, sampler, max(self.micro_batch, 64),
@@ -351,20 +302,6 @@ class Trainer:
                                 loss=loss / count, top1=top1 / count, top5=top5 / count,
                                 samples=int(count))
 
-    def sync_buffers(self) -> None:
-        """Give every rank rank 0's buffers (BatchNorm statistics), as DDP's next forward
-        would, so what DCP writes once under a shared key is the same on all ranks."""
-        if self.info.world_size == 1:
-            return
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for buffer in self.module.buffers():
-            by_dtype.setdefault(buffer.dtype, []).append(buffer)
-        for buffers in by_dtype.values():  # one broadcast per dtype, not one per buffer
-            flat = torch.cat([b.reshape(-1) for b in buffers])
-            torch_dist.broadcast(flat, src=0)
-            for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers])):
-                buffer.copy_(part.view_as(buffer))
-
     # -- checkpoints -----------------------------------------------------------------------
     def maybe_save(self, epoch_end: bool) -> None:
         self.ckpt.poll()  # commit a finished async save
@@ -379,16 +316,16 @@ class Trainer:
     def save(self, reason: str) -> None:
         """Checkpoint now. Interval and epoch saves are async when ckpt.async_mode is on;
         final and preemption saves are synchronous (and wait for an async one first)."""
-        self.sync_buffers()
+        self.state.sync_buffers()
         progress = dict(step=self.step, epoch=self.step // self.steps_per_epoch,
                         samples_seen=self.step * self.cfg.train.global_batch_size,
                         global_batch_size=self.cfg.train.global_batch_size, reason=reason)
         if self.ckpt.async_saver is not None and reason in ("interval", "epoch"):
             # An async save counts as saved once committed (see wait_for_async_save).
-            self.ckpt.save_async(self._async_state_builder(), **progress)
+            self.ckpt.save_async(self.state.async_builder(self.step), **progress)
             return
         try:
-            self.ckpt.save(self.state_dict(), **progress)
+            self.ckpt.save(self.state.full(self.step), **progress)
         except CheckpointError as exc:
             fatal = reason in ("final", "preempt") or self.cfg.ckpt.on_save_error == "stop"
             outcome = "the run stops" if fatal else ("training continues (ckpt.on_save_"
@@ -407,57 +344,14 @@ class Trainer:
         if committed is not None:
             self.saved_step = committed
 
-    def state_dict(self, include_rng: bool = True) -> dict[str, Any]:
-        return self._add_weights(self._volatile_state(include_rng))
-
-    def _volatile_state(self, include_rng: bool = True) -> dict[str, Any]:
-        """Copies of the state that changes before the next optimizer step: buffers
-        (BatchNorm statistics change in every forward), scheduler, scaler, progress, RNG."""
-        state = {"buffers": {n: b.detach().clone() for n, b in self.module.named_buffers()},
-                 "scheduler": copy.deepcopy(self.scheduler.state_dict()),
-                 "scaler": self.scaler.state_dict(),
-                 "progress": {"step": self.step,
-                              "samples_seen": self.step * self.cfg.train.global_batch_size}}
-        if include_rng:
-            state[f"rng/rank{self.info.rank}"] = rng.capture(self.device)
-        return state
-
-    def _add_weights(self, volatile: dict[str, Any]) -> dict[str, Any]:
-        """The full state: ``volatile`` plus parameters and optimizer state (which change
-        only in the optimizer step), keyed by parameter name."""
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        buffers = volatile["buffers"]
-        rest = {k: v for k, v in volatile.items() if k != "buffers"}
-        return {"model": {k: buffers.get(k, v) for k, v in model_state.items()},
-                "optim": optim_state, **rest}
-
-    def _async_state_builder(self) -> Callable[[], dict[str, Any]]:
-        """For an async save: snapshot the volatile state now; parameters and optimizer
-        state are read in the background before this rank's next optimizer step, which
-        waits for them (CheckpointManager.wait_for_staging)."""
-        volatile = self._volatile_state()
-        if not self.optimizer.state:  # get_state_dict would initialise it with a step
-            state = self._add_weights(volatile)
-            return lambda: state
-        return functools.partial(self._add_weights, volatile)
-
     def resume(self) -> None:
         found = self.ckpt.load_latest(self._state_to_load)
         if found is None:
             self.logger.event("fresh_start", checkpoints=self.storage.describe())
             return
         manifest, state = found
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        configured = vars(self.scheduler.lr_lambdas[0]).copy()
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._warn_if_schedule_differs(configured)
-        if self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        rng_key = f"rng/rank{self.info.rank}"
-        if rng_key in state:
-            rng.restore(state[rng_key], self.device)
-        self.step = int(state["progress"]["step"])
+        self.step, schedule_changes = self.state.restore(state)
+        self._warn_if_schedule_differs(schedule_changes)
         if self.step != manifest.step:
             raise CheckpointError(f"checkpoint step-{manifest.step:08d} holds progress step "
                                   f"{self.step}; it is inconsistent, move it away")
@@ -469,10 +363,8 @@ class Trainer:
         self.logger.event("resumed", step=self.step, samples_seen=manifest.samples_seen,
                           reason=manifest.reason, saved_world_size=manifest.world_size)
 
-    def _warn_if_schedule_differs(self, configured: dict[str, Any]) -> None:
+    def _warn_if_schedule_differs(self, changed: dict[str, tuple[Any, Any]]) -> None:
         """The LR schedule resumes as saved (exactness); say so when the config differs."""
-        restored = vars(self.scheduler.lr_lambdas[0])
-        changed = {k: (restored[k], v) for k, v in configured.items() if restored.get(k) != v}
         if changed:
             details = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}"
                                 for k, (a, b) in changed.items())
@@ -488,4 +380,4 @@ class Trainer:
                               message=f"checkpoint was written by {manifest.world_size} "
                                       f"ranks, this run has {self.info.world_size}: data "
                                       "order is exact, dropout randomness restarts")
-        return self.state_dict(include_rng=same_world)
+        return self.state.full(self.step, include_rng=same_world)

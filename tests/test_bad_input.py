@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
-from tests.launch import make_digit_imagefolder, train, tree_fingerprint
+from tests.launch import events, make_digit_imagefolder, train, tree_fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +57,22 @@ def test_corrupt_image_is_named(tmp_path):
     assert f"cannot read image file '{bad}'" in err
 
 
+def test_verify_images_names_every_unreadable_file_before_step_1(tmp_path):
+    root = make_digit_imagefolder(str(tmp_path / "images"), per_class=5)
+    bad = [os.path.join(root, "digit3", "0002.png"), os.path.join(root, "digit7", "0004.png")]
+    for path in bad:
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG this is not an image")
+    run_dir = str(tmp_path / "run")
+    err = fails_cleanly(run_dir, "--data.root", root, "--train.global_batch_size", "8",
+                        "--data.verify_images", "true", nproc=2)
+    assert "data.verify_images: 2 unreadable sample(s)" in err
+    assert all(f"image file {path!r}" in err for path in bad)
+    assert events(run_dir, "first_step") == []
+    with open(os.path.join(run_dir, "status.json"), encoding="utf-8") as f:
+        assert json.load(f)["state"] == "bad_input"
+
+
 def test_unknown_model_lists_the_choices(saved_run):
     err = fails_cleanly(saved_run, "--model.name", "resnet9000")
     assert "model.name='resnet9000' is not a known model" in err
@@ -65,6 +82,14 @@ def test_unknown_model_lists_the_choices(saved_run):
 def test_unknown_config_key(saved_run):
     err = fails_cleanly(saved_run, "--ckpt.keep_lats", "2")
     assert "--ckpt.keep_lats" in err
+
+
+def test_config_file_that_is_not_yaml_is_named(saved_run, tmp_path):
+    path = str(tmp_path / "run.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("train:\n  epochs: [1\n")
+    err = fails_cleanly(saved_run, "--config", path)
+    assert f"--config {path}: not a readable YAML file" in err and "line 2" in err
 
 
 def test_checkpoint_location_not_usable(saved_run, tmp_path):

@@ -44,3 +44,15 @@ def test_list_verify_export(tmp_path):
     weights = torch.load(out, weights_only=True)
     build_model("cnn", 10, 1).load_state_dict(weights)  # strict: every key matches
 
+
+    # A same-size corruption of .metadata passes verify's size check; export names it.
+    metadata = os.path.join(ckpts, "step-00000002", ".metadata")
+    size = os.path.getsize(metadata)
+    with open(metadata, "wb") as f:
+        f.write((b"\x80\x04" + bytes(range(256)) * (size // 256 + 1))[:size])
+    assert os.path.getsize(metadata) == size
+    damaged = tool("export", ckpts, str(tmp_path / "w2.pt"), "--name", "step-00000002",
+                   check=False)
+    assert damaged.returncode == 1 and "Traceback" not in damaged.stderr
+    assert "step-00000002: could not be read, it may be damaged" in damaged.stderr
+    assert not os.path.exists(tmp_path / "w2.pt")

@@ -118,6 +118,23 @@ def test_plain_python_exits_75_after_a_graceful_stop(tmp_path):
 
 
 @pytest.mark.slow
+def test_signal_during_startup_stops_before_the_first_step_then_resumes(tmp_path):
+    """A SIGTERM while the ranks are still importing torch (before the trainer's handlers
+    exist) used to kill it; now it is kept and the group stops before training."""
+    run_dir = str(tmp_path / "run")
+    args = ("--train.max_steps", "4")
+    first = train(run_dir, *args, torchrun_args=TORCHRUN_STOP_ARGS, check=False,
+                  env={"DDPTRAIN_TEST_FAULT": "signal_at_startup:SIGTERM"})
+    assert first.returncode == 0, first.stderr[-3000:]  # a requested stop, under torchrun
+    assert status(run_dir)["state"] == "preempted" and status(run_dir)["step"] == 0
+    [preempted] = events(run_dir, "preempted")
+    assert preempted["reason"] == "SIGTERM" and preempted["step"] == 0
+    assert train_rows(run_dir) == {} and complete_steps(ckpt_dir(run_dir)) == []
+    train(run_dir, *args)
+    assert status(run_dir)["state"] == "finished" and logged_steps(run_dir) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_sigkill_of_a_rank_torchrun_restarts_the_group_and_it_finishes(reference_run,
                                                                         tmp_path):
     run_dir = str(tmp_path / "run")
@@ -153,6 +170,22 @@ def test_stop_request_keeps_the_first_reason_and_restores_handlers():
     assert signal.getsignal(signal.SIGUSR2) == before
 
 
+def test_startup_signals_become_a_stop_request_and_handlers_are_restored():
+    from ddptrain import startup_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    startup_signals.catch(("SIGUSR1", "SIGUSR2"))
+    os.kill(os.getpid(), signal.SIGUSR2)  # during setup: recorded, the process lives on
+    stop = StopRequest(["SIGUSR2"])  # SIGUSR1 was caught early but is not a stop signal
+    try:
+        assert stop.reason == "SIGUSR2" and stop.seconds_since_request() >= 0
+        assert signal.getsignal(signal.SIGUSR1) == before[signal.SIGUSR1]
+        assert startup_signals.hand_over() == ({}, [])  # taken over once
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGUSR2) == before[signal.SIGUSR2]
+
+
 def test_preempt_config_errors_name_the_key():
     from ddptrain.config import ConfigError, parse_config
 
@@ -168,7 +201,7 @@ def test_preempt_config_errors_name_the_key():
 
 def test_a_preempted_rank_exits_0_only_under_torchrun(monkeypatch):
     from ddptrain.__main__ import exit_status
-    from ddptrain.trainer import ExitCode
+    from ddptrain.run_files import ExitCode
 
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     assert exit_status(ExitCode.PREEMPTED) == 75 and exit_status(ExitCode.FINISHED) == 0
