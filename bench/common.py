@@ -27,7 +27,7 @@ class Size:
     ckpt_reps: int = 8  # B2/B3/B6 repetitions (after one warm-up repetition)
     b4_run_s: float = 150.0  # training time of one B4 run
     b4_save_every_s: float = 60.0  # async save interval in B4
-    b4_reps: int = 2
+    b4_reps: int = 3
 
     def ddptrain_args(self) -> list[str]:
         """The model, data and batch every ddptrain launch of the suite uses."""
@@ -117,6 +117,17 @@ def read_jsonl(path: str) -> list[dict]:
 def events(run_dir: str, name: str) -> list[dict]:
     return [e for e in read_jsonl(os.path.join(run_dir, "events.jsonl"))
             if e["event"] == name]
+
+
+def cpu_steal_seconds() -> Optional[float]:
+    """CPU time the hypervisor gave to other guests so far, all CPUs (Linux
+    /proc/stat; None elsewhere): a run that saw more of it was slowed from outside."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def step_times(rows: list[dict], warmup: int = 5) -> list[float]:

@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="scratch directory for runs and checkpoints (emptied first)")
     parser.add_argument("--reps", type=int, default=None,
                         help="override the size's repetitions (B1, B5)")
+    parser.add_argument("--b4_reps", type=int, default=None,
+                        help="override the size's B4 repetitions (3 runs each)")
     parser.add_argument("--step_s", type=float, default=None,
                         help="B4's step time when B1 is not run (default: measured)")
     return parser.parse_args(argv)
@@ -50,6 +52,8 @@ def main(argv=None) -> int:
     size = SIZES[args.size]
     if args.reps:
         size = dataclasses.replace(size, reps=args.reps)
+    if args.b4_reps:
+        size = dataclasses.replace(size, b4_reps=args.b4_reps)
     shutil.rmtree(args.work_dir, ignore_errors=True)
     os.makedirs(args.work_dir)
     started = time.monotonic()

@@ -10,6 +10,7 @@ import time
 
 from bench.common import (
     Result,
+    cpu_steal_seconds,
     Size,
     ddptrain,
     events,
@@ -65,13 +66,18 @@ def b4_async_training_time(size: Size, work: str, step_s: float) -> list[Result]
     steps = max(every + 1, round(size.b4_run_s / step_s))
     runs: dict[str, list[float]] = {"thread": [], "process": [], "none": []}
     stalls: dict[str, list[float]] = {"thread": [], "process": []}
+    steal: dict[str, list[float]] = {"thread": [], "process": [], "none": []}
     for rep in range(size.b4_reps):
         for side in _order(rep, ("thread", "process", "none")):
             run_dir = os.path.join(work, "b4", f"{side}-{rep}")
             ckpt = (["--ckpt.async_mode", side, "--ckpt.every_steps", str(every),
                      "--ckpt.keep_last", "2"] if side != "none"
                     else ["--ckpt.every_steps", "0"])
+            steal_before = cpu_steal_seconds()
             ddptrain(run_dir, size, "--train.max_steps", str(steps), *ckpt)
+            steal_after = cpu_steal_seconds()
+            if steal_before is not None and steal_after is not None:
+                steal[side].append(round(steal_after - steal_before, 2))
             runs[side].append(_training_seconds(run_dir))
             if side != "none":
                 commits = events(run_dir, "checkpoint_committed")
@@ -86,10 +92,23 @@ def b4_async_training_time(size: Size, work: str, step_s: float) -> list[Result]
                    notes=f"{steps} steps (~{size.b4_run_s:.0f} s at {step_s:.3f} s/step), "
                          f"per-repetition ratios {_ratios(runs[mode], runs['none'])}, "
                          f"{len(stalls[mode]) // size.b4_reps} saves per run, median stall "
-                         f"(manager call + staging fence) {median(stalls[mode]):.4f} s",
+                         f"(manager call + staging fence) {median(stalls[mode]):.4f} s"
+                         f"{_steal_note(steal, mode)}",
                    samples={mode: runs[mode], "none": runs["none"],
-                            "stall_s": stalls[mode]})
+                            "stall_s": stalls[mode], f"cpu_steal_s_{mode}": steal[mode],
+                            "cpu_steal_s_none": steal["none"]})
             for mode in ("thread", "process")]
+
+
+def _steal_note(steal: dict[str, list[float]], mode: str) -> str:
+    if not steal[mode]:
+        return ""
+    return (f", CPU time stolen by the hypervisor per run {_join(steal[mode])} s "
+            f"(without checkpoints: {_join(steal['none'])} s)")
+
+
+def _join(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
 
 
 def _ratios(subject: list[float], reference: list[float]) -> str:
