@@ -22,7 +22,7 @@ class Size:
     model: str = "resnet50"
     image_size: int = 32
     global_batch_size: int = 32
-    reps: int = 3  # repetitions of every side-by-side comparison
+    reps: int = 5  # repetitions of every side-by-side comparison (B1, B5)
     b1_steps: int = 30  # steps per B1 run (the first 5 are warm-up)
     ckpt_reps: int = 8  # B2/B3/B6 repetitions (after one warm-up repetition)
     b4_run_s: float = 150.0  # training time of one B4 run
@@ -39,7 +39,7 @@ class Size:
 
 SIZES = {
     "quick": Size("quick"),
-    "full": Size("full", reps=5, b1_steps=60, ckpt_reps=15, b4_run_s=600.0, b4_reps=3),
+    "full": Size("full", reps=7, b1_steps=60, ckpt_reps=15, b4_run_s=600.0, b4_reps=3),
 }
 
 
