@@ -41,6 +41,10 @@ Limits:
   TODO: make the helper ignore stop signals once DCP lets us run code in it at startup
   (ignoring SIGTERM there today would make multiprocessing's exit handler, which
   terminates daemonic children with SIGTERM and joins them, hang).
+* If a rank's ``process`` helper dies (OOM killer, kill -9), the ranks notice at the next
+  async save (:meth:`CheckpointManager.async_usable`, one tiny all-reduce): every rank
+  stops its helper, the save in flight is abandoned (never committed) and the rest of
+  the run saves synchronously.
 * TODO: if ``dcp.async_save`` itself raises on one rank after the ranks agreed to write,
   the other ranks' writes wait in a collective until the group's timeout.
 """
@@ -60,6 +64,10 @@ from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, Sta
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 log = logging.getLogger(__name__)
+
+
+class SaverUnavailable(RuntimeError):
+    """The background writer could not be started (``process`` mode)."""
 
 
 @dataclass
@@ -142,9 +150,23 @@ class AsyncSaver:
         try:
             return helper.result()
         except Exception as exc:
-            raise RuntimeError(f"ckpt.async_mode=process: DCP's checkpoint helper process "
-                               f"did not start ({exc}); use --ckpt.async_mode thread or "
-                               f"off") from exc
+            raise SaverUnavailable(f"ckpt.async_mode=process: DCP's checkpoint helper "
+                                   f"process did not start ({exc}); use --ckpt.async_mode "
+                                   f"thread or off") from exc
+
+    def helper_alive(self) -> bool:
+        """False once this rank's ``process`` helper has died (always True for
+        ``thread``, and before the helper exists)."""
+        process = _dcp_helper_process() if self.mode == "process" else None
+        return process is None or process.is_alive()
+
+    def stop_helper(self) -> None:
+        """Kill this rank's ``process`` helper, so that no background write waits on it
+        (after a peer's helper died: the helpers share a process group)."""
+        process = _dcp_helper_process() if self.mode == "process" else None
+        if process is not None and process.is_alive():
+            process.kill()
+            process.join(10)
 
     def start(self, job: SaveJob) -> BackgroundWrite:
         """Hand ``job`` to the launcher thread; returns at once (training thread)."""
@@ -226,6 +248,13 @@ class AsyncSaver:
         if self._cached_stager is not None:
             self._cached_stager.close()
             self._cached_stager = None
+
+
+def _dcp_helper_process():
+    """DCP's helper process (a multiprocessing.Process) of this rank, or None."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    return getattr(getattr(executor, "_CHECKPOINT_PROCESS", None), "_save_process", None)
 
 
 def _start_dcp_helper(group) -> Optional[float]:

@@ -34,8 +34,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ddptrain import dist
-from ddptrain.async_save import AsyncSaver, InFlightSave, SaveJob
-from ddptrain.faults import maybe_inject_fault, save_planner
+from ddptrain.async_save import AsyncSaver, InFlightSave, SaveJob, SaverUnavailable
+from ddptrain.faults import fault_configured, maybe_inject_fault, save_planner
 from ddptrain.manifest import (FORMAT_VERSION, MANIFEST_NAME, STEP_DIR_PATTERN,
                                CheckpointStatus, Manifest, identity_differences,
                                parse_step, scan, step_dirname, verify)
@@ -192,18 +192,53 @@ class CheckpointManager:
                   call_s=round(flight.call_s, 4), waited_s=round(waited, 4),
                   mode=self.async_saver.mode, location=self.storage.describe(name))
 
+    def async_usable(self, step: int) -> bool:
+        """Collective, before every async save: whether async saving still works on
+        every rank. Once a ``process`` helper has died on any rank, every rank stops its
+        helper and abandons the save in flight, and this is False for the rest of the run
+        (saves are then synchronous)."""
+        if self.async_saver is None:
+            return False
+        if fault_configured("kill_async_helper", step) and self.info.rank == \
+                self.info.world_size - 1:
+            self.async_saver.stop_helper()  # test fault: as if the OOM killer took it
+        if not dist.any_rank(not self.async_saver.helper_alive()):
+            return True
+        abandoned = self._in_flight.name if self._in_flight is not None else None
+        self.emit("async_saving_lost", level=logging.WARNING, step=step,
+                  abandoned=abandoned and self.storage.describe(abandoned),
+                  message="DCP's checkpoint helper process died on a rank; the save in "
+                          "flight (if any) is abandoned and never committed, and the rest "
+                          "of this run saves synchronously")
+        self.async_saver.stop_helper()
+        if self._in_flight is not None:
+            self._last_async = (self._in_flight.manifest.step, False)
+            self._in_flight = None
+        self.async_saver.close()
+        self.async_saver = None
+        return False
+
     @property
     def in_flight(self) -> Optional[InFlightSave]:
         """The async save in flight (read-only; for reports and benchmarks)."""
         return self._in_flight
 
-    def wait_until_ready(self) -> None:
-        """Before the first step: let the async saver's helper process finish starting,
-        so that it does not take CPU from training (``process`` mode only)."""
-        seconds = self.async_saver.wait_until_ready() if self.async_saver else None
+    def wait_until_ready(self) -> Optional[SaveError]:
+        """Before the first step, on every rank: let the async saver's helper process
+        finish starting, so that it does not take CPU from training (``process`` mode
+        only). Returns None when ready on every rank, else the error (collective)."""
+        seconds, error = None, None
+        try:
+            seconds = self.async_saver.wait_until_ready() if self.async_saver else None
+        except SaverUnavailable as exc:
+            error = SaveError(str(exc))
         if seconds is not None:
             self.emit("async_helper_started", seconds=round(seconds, 3),
                       message=f"DCP's checkpoint helper process started in {seconds:.1f} s")
+        if self.async_saver is not None and dist.any_rank(error is not None):
+            return error or SaveError("ckpt.async_mode=process: DCP's checkpoint helper "
+                                      "process did not start on another rank")
+        return None
 
     def wait_for_staging(self) -> None:
         """Block until the async save in flight has copied the state; call it before the

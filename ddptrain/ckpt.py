@@ -9,6 +9,7 @@ none, ``export`` writes the model weights of a checkpoint to a file that loads w
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from typing import Any, Optional
@@ -17,7 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ddptrain.checkpoint import parse_step, scan, verify as verify_dir
+from ddptrain.checkpoint import error_text, parse_step, scan, verify as verify_dir
 from ddptrain.storage import Storage
 
 
@@ -85,6 +86,9 @@ def export(ckpt_dir: str, out: str, name: Optional[str] = None,
         name: A step directory name (default: the newest complete checkpoint).
         storage_options: fsspec options, as for ckpt.storage_options.
     """
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or not os.path.isdir(out_dir):
+        raise SystemExit(f"{out}: OUT must be a file path in an existing directory")
     storage, name = _open(ckpt_dir, name, storage_options)
     status = verify_dir(storage, name) if name else next(
         (s for s in scan(storage) if s.complete), None)
@@ -97,8 +101,8 @@ def export(ckpt_dir: str, out: str, name: Optional[str] = None,
     # is a BaseException.
     except (Exception, dcp.api.CheckpointException) as exc:
         raise SystemExit(f"{storage.describe(status.name)}: could not be read, it may be "
-                         f"damaged ({type(exc).__name__}: {str(exc)[:300]}); export "
-                         "another step with --name") from None
+                         f"damaged ({error_text(exc)}); export another step with "
+                         "--name") from None
     torch.save({key[len("model."):]: value for key, value in weights.items()}, out)
     print(f"wrote {len(weights)} tensors of {storage.describe(status.name)} to {out}")
 

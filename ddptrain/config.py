@@ -245,13 +245,23 @@ class NamedConfigFile(ActionConfigFile):
 
     def __call__(self, parser, cfg, values, option_string=None):
         if isinstance(values, str) and os.path.isfile(values):
+            import json
+
             import yaml
 
             try:
                 with open(values, encoding="utf-8") as f:
-                    yaml.safe_load(f)
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-                parser.error(f"--config {values}: not a readable YAML file: {exc}")
+                    content = yaml.safe_load(f)
+                json.dumps(content)  # a self-referencing alias cannot be a config
+            except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError,
+                    RecursionError, TypeError) as exc:
+                parser.error(f"--config {values}: not a readable YAML config file: {exc}")
+            if content is None:
+                return None  # an empty file sets nothing
+            if not isinstance(content, dict):
+                parser.error(f"--config {values}: must map sections to options (for "
+                             f"example 'train:' then '  epochs: 5'), not a "
+                             f"{type(content).__name__}")
         return super().__call__(parser, cfg, values, option_string)
 
 

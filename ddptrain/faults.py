@@ -9,6 +9,8 @@ Points:
 * ``delay_save``: that step's write starts :data:`TEST_DELAY_S` late (in the background
   for an async save, so training runs on while the save is pending).
 * ``fail_save``: that step's write fails on the last rank.
+* ``kill_async_helper``: before the async save of that step, the last rank's DCP helper
+  process (``ckpt.async_mode process``) is killed.
 * ``pause_before_save`` / ``pause_before_manifest``: rank 0 creates the file
   ``$DDPTRAIN_TEST_PAUSE_DIR/<point>@<STEP>`` and waits until a test deletes it.
 
@@ -57,19 +59,20 @@ class TestFaultPlanner(DefaultSavePlanner):
 def save_planner(step: int, plan_caching: bool = False) -> DefaultSavePlanner:
     """The planner for the save of ``step``: DCP's default unless a fault targets it."""
     for fault in ("delay_save", "fail_save"):
-        if _configured(fault, step):
+        if fault_configured(fault, step):
             return TestFaultPlanner(fault, plan_caching)
     return DefaultSavePlanner(enable_plan_caching=plan_caching)
 
 
-def _configured(point: str, step: int) -> bool:
+def fault_configured(point: str, step: int) -> bool:
     return f"{point}@{step}" in os.environ.get(FAULT_ENV, "").split(",")
+
 
 
 def maybe_inject_fault(point: str, step: int, pause_here: bool = True) -> None:
     """SIGKILL this process (``kill_*``) or wait for a test (``pause_*``, where
     ``pause_here``) when ``point@step`` is a configured fault."""
-    if not _configured(point, step):
+    if not fault_configured(point, step):
         return
     wanted = f"{point}@{step}"
     if point.startswith("kill_"):

@@ -230,7 +230,8 @@ class LauncherWatch:
     def __init__(self, stop: StopRequest, poll_seconds: float = 1.0):
         self.stop_request = stop
         self.poll_seconds = poll_seconds
-        self.parent = os.getppid()
+        # The launcher as seen at process start: it may have died during setup already.
+        self.parent = startup_signals.launcher_pid() or os.getppid()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="launcher-watch",
                                         daemon=True)

@@ -42,6 +42,7 @@ class Trainer:
         self.step = 0
         self.evaluated_step = -1
         self.saved_step = -1
+        self.preempted = False  # the run is stopping on request (stop_for_preemption)
         # First, so that a stop signal during the (possibly slow) setup is not fatal.
         self.stop = StopRequest(cfg.preempt.signals)
         check_run_dir(cfg.run.dir)
@@ -119,8 +120,7 @@ class Trainer:
         self.resume()
         # Only now: a run refused on resume (another run's checkpoints) changes nothing.
         self._write_resolved_config()
-        self.ckpt.wait_until_ready()
-        if self.stop.agreed():  # a stop signal during setup: stop before the first step
+        if self._stopped_during_setup():
             return self.stop_for_preemption()
         self.logger.start_at(self.step)
         while self.step < self.total_steps:
@@ -137,6 +137,23 @@ class Trainer:
                 if self.stop.agreed():
                     return self.stop_for_preemption()
         return self.finish()
+
+    def _stopped_during_setup(self) -> bool:
+        """Collective: whether to stop before the first step, for a stop signal during
+        setup; else wait until the async saver is ready. A run with nothing left to train
+        just finishes."""
+        if self.step >= self.total_steps:
+            return False
+        if self.stop.agreed():
+            return True
+        error = self.ckpt.wait_until_ready()
+        if error is None:
+            return False
+        # A stop signal to the whole process group (Slurm) also ends a helper that was
+        # still starting: that is the stop, not a failure.
+        if self.stop.agreed():
+            return True
+        raise error
 
     def _prepare_run(self) -> None:
         self.ckpt.probe()  # all ranks: write, read back, delete a tiny object
@@ -162,6 +179,7 @@ class Trainer:
         return ExitCode.FINISHED
 
     def stop_for_preemption(self) -> ExitCode:
+        self.preempted = True
         self.wait_for_async_save()
         if self.saved_step != self.step and self.step > 0:  # step 0 is the seed's to redo
             self.save("preempt")
@@ -181,7 +199,8 @@ class Trainer:
             if watcher is not None:
                 watcher.stop()
         self.ckpt.close()
-        self.stop.restore()
+        if not (self.preempted or self.stop.requested):
+            self.stop.restore()  # else a second signal during teardown must not kill us
         self.samples.close()
         self.logger.close()
 
@@ -320,7 +339,8 @@ class Trainer:
         progress = dict(step=self.step, epoch=self.step // self.steps_per_epoch,
                         samples_seen=self.step * self.cfg.train.global_batch_size,
                         global_batch_size=self.cfg.train.global_batch_size, reason=reason)
-        if self.ckpt.async_saver is not None and reason in ("interval", "epoch"):
+        if (self.ckpt.async_saver is not None and reason in ("interval", "epoch")
+                and self.ckpt.async_usable(self.step)):
             # An async save counts as saved once committed (see wait_for_async_save).
             self.ckpt.save_async(self.state.async_builder(self.step), **progress)
             return

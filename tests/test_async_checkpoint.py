@@ -188,3 +188,18 @@ def test_preemption_waits_for_the_save_in_flight(reference, tmp_path):
     train(run_dir, *async_args("thread"))
     assert [e["step"] for e in events(run_dir, "resumed")] == [stop_step]
     assert_bitwise_equal(reference, run_dir)
+
+
+def test_lost_helper_process_falls_back_to_sync_saves(reference, tmp_path):
+    """A rank's DCP helper killed (OOM killer, kill -9) before the step-20 save: all ranks
+    notice at that save, stop their helpers, and save synchronously from then on."""
+    run_dir = str(tmp_path / "run")
+    train(run_dir, *async_args("process"), env={FAULT: "kill_async_helper@20"})
+    [lost] = events(run_dir, "async_saving_lost")
+    assert lost["step"] == 20 and lost["abandoned"] is None  # step 10's was committed
+    modes = {e["step"]: e["mode"] for e in events(run_dir, "checkpoint_committed")}
+    assert modes[10] == "process"
+    assert all(mode == "sync" for step, mode in modes.items() if step >= 20)
+    assert complete_steps(ckpt(run_dir)) == complete_steps(ckpt(reference))
+    assert_bitwise_equal(reference, run_dir)
+    assert_bitwise_equal(reference, run_dir, "step-00000020")

@@ -89,7 +89,7 @@ def test_config_file_that_is_not_yaml_is_named(saved_run, tmp_path):
     with open(path, "w", encoding="utf-8") as f:
         f.write("train:\n  epochs: [1\n")
     err = fails_cleanly(saved_run, "--config", path)
-    assert f"--config {path}: not a readable YAML file" in err and "line 2" in err
+    assert f"--config {path}: not a readable YAML config file" in err and "line 2" in err
 
 
 def test_checkpoint_location_not_usable(saved_run, tmp_path):

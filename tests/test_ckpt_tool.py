@@ -56,3 +56,6 @@ def test_list_verify_export(tmp_path):
     assert damaged.returncode == 1 and "Traceback" not in damaged.stderr
     assert "step-00000002: could not be read, it may be damaged" in damaged.stderr
     assert not os.path.exists(tmp_path / "w2.pt")
+    nowhere = tool("export", ckpts, str(tmp_path / "no" / "w.pt"), check=False)
+    assert nowhere.returncode == 1 and "OUT must be a file path in an existing" in \
+        nowhere.stderr and "Traceback" not in nowhere.stderr

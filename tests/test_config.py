@@ -87,3 +87,22 @@ def test_abbreviated_option_is_an_error_not_a_prefix_match(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--train.epoch", "2"])
     assert "--train.epoch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("train:\n  epochs: [1\n", "not a readable YAML config file"),
+    ("- a\n- b\n", "must map sections to options"),
+    ("a: &a [*a]\n", "not a readable YAML config file"),
+])
+def test_config_file_problems_name_the_file(tmp_path, capsys, text, problem):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(path)])
+    assert f"--config {path}: {problem}" in capsys.readouterr().err
+
+
+def test_empty_config_file_sets_nothing(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert parse_config(["--config", str(path)]) == parse_config([])

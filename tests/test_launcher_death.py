@@ -35,6 +35,26 @@ def test_ranks_stop_gracefully_when_torchrun_is_killed(reference_run, tmp_path):
     assert_resumed_without_recompute(run_dir, stop_step, reference_run)
 
 
+@pytest.mark.slow
+def test_ranks_exit_when_torchrun_is_killed_during_their_startup(tmp_path):
+    """Killed while its ranks still import torch or form the process group, torchrun
+    leaves them waiting for its store (30 min); they notice and exit within seconds."""
+    run_dir = str(tmp_path / "run")
+    proc = start(run_dir)
+    deadline = time.monotonic() + 60
+    while len(descendants(proc.pid)) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "no ranks started"
+        time.sleep(0.02)
+    ranks = descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in ranks):
+        assert time.monotonic() < deadline, "orphaned ranks still waiting"
+        time.sleep(0.1)
+    assert train_rows(run_dir) == {}
+
+
 def _zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

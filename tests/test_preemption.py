@@ -135,6 +135,17 @@ def test_signal_during_startup_stops_before_the_first_step_then_resumes(tmp_path
 
 
 @pytest.mark.slow
+def test_signal_during_startup_of_a_finished_run_still_reports_finished(tmp_path):
+    run_dir = str(tmp_path / "run")
+    args = ("--train.max_steps", "3")
+    train(run_dir, *args, nproc=0)
+    again = train(run_dir, *args, nproc=0, check=False,
+                  env={"DDPTRAIN_TEST_FAULT": "signal_at_startup:SIGTERM"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert status(run_dir)["state"] == "finished" and events(run_dir, "preempted") == []
+
+
+@pytest.mark.slow
 def test_sigkill_of_a_rank_torchrun_restarts_the_group_and_it_finishes(reference_run,
                                                                         tmp_path):
     run_dir = str(tmp_path / "run")
