@@ -211,9 +211,7 @@ class CheckpointManager:
                           "flight (if any) is abandoned and never committed, and the rest "
                           "of this run saves synchronously")
         self.async_saver.stop_helper()
-        if self._in_flight is not None:
-            self._last_async = (self._in_flight.manifest.step, False)
-            self._in_flight = None
+        self._in_flight = None  # never committed; wait() and poll() look no further
         self.async_saver.close()
         self.async_saver = None
         return False

@@ -15,6 +15,8 @@ from typing import Any, Literal, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+from ddptrain.startup_signals import EARLY_SIGNALS
+
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 #: Substrings of ``ckpt.storage_options`` keys whose values are never written or logged.
@@ -63,9 +65,10 @@ class DataConfig:
     """DataLoader worker processes per rank. Batches are identical for any value."""
     verify_images: bool = False
     """Before the first step, read and decode every image of both splits once (each rank
-    a share) and stop with one error naming every unreadable file. Off: a damaged file is
-    found when a batch first reaches it (also mid-run; the run then stops and resumes
-    from its newest checkpoint once the file is fixed). Costs one pass over the data."""
+    a share) and stop with one error naming the unreadable files (the first 20, and how
+    many in all). Off: a damaged file is found when a batch first reaches it (also
+    mid-run; the run then stops and resumes from its newest checkpoint once the file is
+    fixed). Costs one pass over the data."""
 
 
 @dataclass
@@ -173,9 +176,9 @@ class CkptConfig:
     parameters and optimizer state are copied to host memory during the next
     forward/backward (whose optimizer step waits for the copy) and written by a thread or
     by a helper process per rank (process: no GIL shared with training, costs a process
-    started during setup and shared memory). A save is committed when every rank has written it; at most one
-    is in flight: the next save, a stop and the end of training wait for it. Final and
-    preemption checkpoints are always written synchronously."""
+    started during setup and shared memory). A save is committed when every rank has
+    written it; at most one is in flight: the next save, a stop and the end of training
+    wait for it. Final and preemption checkpoints are always written synchronously."""
     cache_staging: bool = True
     """With ckpt.async_mode: keep the host copy's buffers between saves (one copy of the
     model+optimizer state stays in host RAM) instead of allocating them at every save."""
@@ -199,8 +202,8 @@ class LogConfig:
 class PreemptConfig:
     """Preemption: stop signals and cloud preemption notices."""
 
-    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2",
-                                                        "SIGINT"])
+    # The same signals ddptrain catches from its first line (before this config exists).
+    signals: list[str] = field(default_factory=lambda: list(EARLY_SIGNALS))
     """Signals that ask for a graceful stop: every rank finishes the current step, a
     complete checkpoint (reason preempt) is committed, and the run exits (status.json:
     preempted). Choose from SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, SIGQUIT. A second

@@ -68,7 +68,6 @@ def fault_configured(point: str, step: int) -> bool:
     return f"{point}@{step}" in os.environ.get(FAULT_ENV, "").split(",")
 
 
-
 def maybe_inject_fault(point: str, step: int, pause_here: bool = True) -> None:
     """SIGKILL this process (``kill_*``) or wait for a test (``pause_*``, where
     ``pause_here``) when ``point@step`` is a configured fault."""
