@@ -45,8 +45,8 @@ from ddptrain.storage import Storage, StorageError
 log = logging.getLogger(__name__)
 
 #: The on-disk contract lives in ddptrain.manifest; its names are re-exported here.
-__all__ = ["CheckpointError", "CheckpointManager", "SaveError", "CheckpointStatus", "FORMAT_VERSION",
-           "MANIFEST_NAME", "Manifest", "RunIdentityMismatch", "STEP_DIR_PATTERN",
+__all__ = ["CheckpointError", "CheckpointManager", "SaveError", "CheckpointStatus",
+           "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "RunIdentityMismatch", "STEP_DIR_PATTERN",
            "error_text", "identity_differences", "parse_step", "scan", "step_dirname",
            "verify"]
 
