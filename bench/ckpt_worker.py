@@ -20,7 +20,9 @@ rank is done (the wall time a training loop would lose):
 * knobs, each a direct ``dcp.save`` of the same state: ``dcp_default`` (ddptrain's
   writer settings), ``threads_2``, ``threads_4``, ``file_per_tensor``, ``no_fsync``,
   ``plan_cache``, ``no_crc32`` (torch.save without zip CRC-32s, which torch.load never
-  checks), and ``thread_nocache`` (async thread stall without cached staging).
+  checks), ``thread_nocache`` (async thread stall without cached staging) and
+  ``process_per_tensor`` (async process with DCP's stager: one shared-memory segment,
+  and so one file descriptor to hand over, per tensor).
 
 Writes ``{"bytes": ..., "variants": {name: {"seconds": [...], ...}}}`` to ``--out``.
 """
@@ -69,7 +71,11 @@ class Bench:
         self.managers = {"sync": self._manager("sync"),
                          "thread": self._manager("thread", "thread"),
                          "process": self._manager("process", "process"),
-                         "thread_nocache": self._manager("nocache", "thread", False)}
+                         "thread_nocache": self._manager("nocache", "thread", False),
+                         "process_per_tensor": self._manager("per-tensor", "process")}
+        # DCP's own stager (a shared-memory segment per tensor) instead of ddptrain's one
+        # shared buffer, to show what handing the state to the helper costs either way.
+        self.managers["process_per_tensor"].async_saver.flat_staging = False
         self.random = os.urandom(CHUNK)
         self.batches = iter(())
 
@@ -201,7 +207,7 @@ class Bench:
     def repetition(self) -> None:
         self.trainer_save("sync")
         self.raw_write()  # the same number of bytes per rank as "sync" just wrote
-        for variant in ("thread", "process", "thread_nocache"):
+        for variant in ("thread", "process", "thread_nocache", "process_per_tensor"):
             self.trainer_save(variant)
         self.record("train_step", wall(self.train_step))
         self.torch_save()

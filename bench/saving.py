@@ -100,12 +100,21 @@ def knob_rows(data: dict) -> list[dict]:
         seconds = _seconds(data, name)
         rows.append({"knob": name, "what": what, "seconds": seconds,
                      "mb_per_s": size_mb / seconds, "vs_default": seconds / base})
-    for name, what in (("thread", "async thread, cached staging (ddptrain default)"),
-                       ("thread_nocache", "async thread, ckpt.cache_staging=false"),
-                       ("process", "async process, cached shared-memory staging")):
+    async_variants = (
+        ("thread", "async thread, cached staging (ddptrain default)"),
+        ("thread_nocache", "async thread, ckpt.cache_staging=false"),
+        ("process", "async process, the state in one cached shared buffer (default)"),
+        ("process_per_tensor", "async process, DCP's stager: a shared segment per tensor"))
+    for name, what in async_variants:
         seconds = _seconds(data, name)
         rows.append({"knob": name, "what": f"{what}: stall", "seconds": seconds,
                      "mb_per_s": None, "vs_default": seconds / base})
+    for name, what in async_variants:  # what the loop loses: stall + slower steps
+        row = data["variants"][name]
+        cost = median([s + e for s, e in zip(row["seconds"], row["extra_s"])])
+        rows.append({"knob": f"{name} (cost)", "what": f"{what}: cost per save (stall + "
+                     "slower steps while writing)", "seconds": cost, "mb_per_s": None,
+                     "vs_default": cost / base})
     return rows
 
 

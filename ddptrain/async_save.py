@@ -8,7 +8,9 @@ How an async save runs (see :meth:`ddptrain.checkpoint.CheckpointManager.save_as
 2. **Start** (one launcher thread per rank, in the background): rank 0 claims the step
    directory, every rank builds the full state (parameters and optimizer state change
    only in the optimizer step) and copies it into host buffers owned by the saver
-   (pinned on CUDA; shared memory for a writer process). Then the *staging fence* opens:
+   (pinned on CUDA). For a writer process that is one shared-memory buffer for the whole
+   state (:mod:`ddptrain.shared_staging`), so handing it over passes one file descriptor
+   rather than one per tensor. Then the *staging fence* opens:
    the training thread calls
    :meth:`~ddptrain.checkpoint.CheckpointManager.wait_for_staging` before its next
    optimizer step, so nothing that training does later can leak into the checkpoint.
@@ -62,6 +64,8 @@ import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+from ddptrain.shared_staging import FlatSharedStager
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +121,8 @@ class AsyncSaver:
     enforce the one-save-in-flight rule; the checkpoint manager does.
     """
 
-    def __init__(self, mode: str, device: torch.device, cache_staging: bool = True):
+    def __init__(self, mode: str, device: torch.device, cache_staging: bool = True,
+                 flat_staging: bool = True):
         if mode not in ("thread", "process"):
             raise ValueError(f"ckpt.async_mode={mode!r}: AsyncSaver runs thread or process")
         self.mode = mode
@@ -132,6 +137,10 @@ class AsyncSaver:
                                       use_non_blocking_copy=self.cuda)
         self.cache_staging = cache_staging
         self._cached_stager: Optional[DefaultStager] = None
+        # process mode: the state in one shared buffer, one descriptor to hand over
+        # (ddptrain.shared_staging); DCP's per-tensor stager when that is switched off.
+        self.flat_staging = mode == "process" and flat_staging
+        self._flat_stager: Optional[FlatSharedStager] = None
         self._stream = torch.cuda.Stream(device) if self.cuda else None
         self._launcher = ThreadPoolExecutor(1, thread_name_prefix="ddptrain-ckpt")
         # Background collectives must not share a group with the training thread's.
@@ -220,6 +229,12 @@ class AsyncSaver:
 
     def _stage(self, state: dict[str, Any], ready) -> tuple[dict[str, Any], Any]:
         """Copy ``state`` into host buffers; returns the copy and a stager to close."""
+        if self.flat_staging:
+            if self._stream is not None:
+                self._stream.wait_event(ready)
+            staged = self._stage_flat(state)
+            if staged is not None:
+                return staged
         if self.cache_staging:
             if self._cached_stager is None:
                 self._cached_stager = DefaultStager(self.options)
@@ -231,6 +246,26 @@ class AsyncSaver:
         with torch.cuda.stream(self._stream):  # copy beside the training stream
             self._stream.wait_event(ready)
             return stager.stage(state), owned
+
+    def _stage_flat(self, state: dict[str, Any]) -> Optional[tuple[dict[str, Any], Any]]:
+        """``process`` mode: stage into one shared buffer (None: not stageable so)."""
+        stager, owned = self._flat_stager, None
+        if stager is None or not self.cache_staging:
+            stager = FlatSharedStager(pin=self.cuda)
+            owned = None if self.cache_staging else stager
+            if self.cache_staging:
+                self._flat_stager = stager
+        if self._stream is None:
+            copy = stager.stage(state)
+        else:
+            with torch.cuda.stream(self._stream):  # copy beside the training stream
+                copy = stager.stage(state, non_blocking=True)
+            self._stream.synchronize()
+        if copy is None:
+            if owned is not None:
+                owned.close()
+            return None
+        return copy, owned
 
     def _broadcast_int(self, value: int) -> int:
         tensor = torch.tensor([value], dtype=torch.int32)
@@ -248,6 +283,9 @@ class AsyncSaver:
         if self._cached_stager is not None:
             self._cached_stager.close()
             self._cached_stager = None
+        if self._flat_stager is not None:
+            self._flat_stager.close()
+            self._flat_stager = None
 
 
 def _dcp_helper_process():
