@@ -24,7 +24,6 @@ Layout under ``ckpt.dir`` (local path or fsspec URL)::
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import warnings
@@ -34,8 +33,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ddptrain import dist
-from ddptrain.async_save import AsyncSaver, InFlightSave, SaveJob, SaverUnavailable
-from ddptrain.faults import fault_configured, maybe_inject_fault, save_planner
+from ddptrain.async_commit import AsyncSaves
+from ddptrain.async_save import AsyncSaver, InFlightSave
+from ddptrain.checkpoint_errors import (CheckpointError, RunIdentityMismatch, SaveError,
+                                        error_text)
+from ddptrain.faults import maybe_inject_fault, save_planner
 from ddptrain.manifest import (FORMAT_VERSION, MANIFEST_NAME, STEP_DIR_PATTERN,
                                CheckpointStatus, Manifest, identity_differences,
                                parse_step, scan, step_dirname, verify)
@@ -44,36 +46,15 @@ from ddptrain.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
-#: The on-disk contract lives in ddptrain.manifest; its names are re-exported here.
+#: The on-disk contract lives in ddptrain.manifest and the errors in
+#: ddptrain.checkpoint_errors; their names are re-exported here.
 __all__ = ["CheckpointError", "CheckpointManager", "SaveError", "CheckpointStatus",
-           "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "RunIdentityMismatch", "STEP_DIR_PATTERN",
-           "error_text", "identity_differences", "parse_step", "scan", "step_dirname",
-           "verify"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint problem the user must act on; the message says what and where."""
-
-
-class RunIdentityMismatch(CheckpointError):
-    """The checkpoint directory belongs to a different run."""
-
-
-class SaveError(CheckpointError):
-    """A save or its commit failed on some rank; nothing was committed."""
+           "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "RunIdentityMismatch",
+           "STEP_DIR_PATTERN", "error_text", "identity_differences", "parse_step", "scan",
+           "step_dirname", "verify"]
 
 #: Listing attempts before a commit gives up on a file DCP wrote (eventual consistency).
 LISTING_ATTEMPTS = 4
-
-
-def error_text(error: Optional[BaseException], default: str = "unknown error") -> str:
-    """``type: message``, for DCP's CheckpointException one per failed rank."""
-    if error is None:
-        return default
-    if isinstance(error, CheckpointException):
-        return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}"
-                         for rank, (exc, _) in sorted(error.failures.items()))[:1000]
-    return f"{type(error).__name__}: {error}"[:1000]
 
 
 def _load_locally(state: dict[str, Any], reader) -> None:
@@ -84,13 +65,10 @@ def _load_locally(state: dict[str, Any], reader) -> None:
         dcp.load(state, storage_reader=reader, no_dist=True)
 
 
-def _collect(notes: list) -> Callable[..., None]:
-    """An ``emit`` that keeps events in ``notes`` (for threads that must not log)."""
-    return lambda *args, **kwargs: notes.append((args, kwargs))
-
-
-class CheckpointManager:
-    """Saves and finds checkpoints for one run; every method is called on all ranks."""
+class CheckpointManager(AsyncSaves):
+    """Saves and finds checkpoints for one run; every method is called on all ranks.
+    The async saves (``save_async``, ``poll``, ``wait``, ...) are in
+    :class:`ddptrain.async_commit.AsyncSaves`."""
 
     def __init__(self, storage: Storage, info: dist.DistInfo, identity: dict[str, Any],
                  keep_last: int, emit: Callable[..., None],
@@ -165,133 +143,6 @@ class CheckpointManager:
         self._report_commit(name, manifest, started, mode="sync")
         return True
 
-    def save_async(self, build_state: Callable[[], dict[str, Any]], *, step: int,
-                   epoch: int, samples_seen: int, global_batch_size: int,
-                   reason: str) -> None:
-        """Save in the background once the previous async save has finished (no wait
-        otherwise). ``build_state()`` runs in the background and must return the state as
-        of now: the caller snapshots what changes before its next optimizer step and calls
-        :meth:`wait_for_staging` before that step. :meth:`poll`/:meth:`wait` commit."""
-        assert self.async_saver is not None, "save_async needs ckpt.async_mode on"
-        started = time.monotonic()
-        self._wait_in_flight()
-        waited = time.monotonic() - started
-        name = step_dirname(step)
-        flight = InFlightSave(name, self._manifest(step, epoch, samples_seen,
-                                                   global_batch_size, reason),
-                              write=None, started=started)
-        # Rank 0 claims the directory in the launcher thread; its events are kept for later.
-        claim = (functools.partial(self._prepare_dir, name, emit=_collect(flight.notes))
-                 if self.info.is_main else None)
-        flight.write = self.async_saver.start(SaveJob(
-            build_state, lambda: self.storage.dcp_writer(name, self.thread_count),
-            save_planner(step, self.plan_caching), claim))
-        flight.call_s = time.monotonic() - started
-        self._in_flight, self._last_async = flight, None
-        self.emit("checkpoint_started", step=step, reason=reason,
-                  call_s=round(flight.call_s, 4), waited_s=round(waited, 4),
-                  mode=self.async_saver.mode, location=self.storage.describe(name))
-
-    def async_usable(self, step: int) -> bool:
-        """Collective, before every async save: whether async saving still works on
-        every rank. Once a ``process`` helper has died on any rank, every rank stops its
-        helper and abandons the save in flight, and this is False for the rest of the run
-        (saves are then synchronous)."""
-        if self.async_saver is None:
-            return False
-        if fault_configured("kill_async_helper", step) and self.info.rank == \
-                self.info.world_size - 1:
-            self.async_saver.stop_helper()  # test fault: as if the OOM killer took it
-        if not dist.any_rank(not self.async_saver.helper_alive()):
-            return True
-        abandoned = self._in_flight.name if self._in_flight is not None else None
-        self.emit("async_saving_lost", level=logging.WARNING, step=step,
-                  abandoned=abandoned and self.storage.describe(abandoned),
-                  message="DCP's checkpoint helper process died on a rank; the save in "
-                          "flight (if any) is abandoned and never committed, and the rest "
-                          "of this run saves synchronously")
-        self.async_saver.stop_helper()
-        self._in_flight = None  # never committed; wait() and poll() look no further
-        self.async_saver.close()
-        self.async_saver = None
-        return False
-
-    @property
-    def in_flight(self) -> Optional[InFlightSave]:
-        """The async save in flight (read-only; for reports and benchmarks)."""
-        return self._in_flight
-
-    def wait_until_ready(self) -> Optional[SaveError]:
-        """Before the first step, on every rank: let the async saver's helper process
-        finish starting, so that it does not take CPU from training (``process`` mode
-        only). Returns None when ready on every rank, else the error (collective)."""
-        seconds, error = None, None
-        try:
-            seconds = self.async_saver.wait_until_ready() if self.async_saver else None
-        except SaverUnavailable as exc:
-            error = SaveError(str(exc))
-        if seconds is not None:
-            self.emit("async_helper_started", seconds=round(seconds, 3),
-                      message=f"DCP's checkpoint helper process started in {seconds:.1f} s")
-        if self.async_saver is not None and dist.any_rank(error is not None):
-            return error or SaveError("ckpt.async_mode=process: DCP's checkpoint helper "
-                                      "process did not start on another rank")
-        return None
-
-    def wait_for_staging(self) -> None:
-        """Block until the async save in flight has copied the state; call it before the
-        optimizer step (anything that changes parameters or optimizer state)."""
-        flight = self._in_flight
-        if flight is None or flight.staging_wait_s is not None:
-            return
-        waited_from = time.monotonic()
-        flight.write.staged.result()
-        flight.staging_wait_s = time.monotonic() - waited_from
-
-    def poll(self) -> None:
-        """Commit the async save in flight if its background write has finished. No
-        collective: DCP completes the write on every rank only once all ranks' shards and
-        ``.metadata`` are written (see ddptrain.async_save)."""
-        if self._in_flight is not None and self._in_flight.write.done.done():
-            self._finish_in_flight()
-
-    def wait(self) -> Optional[int]:
-        """Collective: let the async save in flight finish and commit (or fail). Returns
-        the step of the last async save if it committed on every rank, else None."""
-        if self.async_saver is None:
-            return None
-        self._wait_in_flight()
-        step, ok = self._last_async or (None, True)
-        failed = dist.any_rank(not ok)
-        return None if failed else step
-
-    def _wait_in_flight(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.write.done.result()
-            self._finish_in_flight()
-
-    def _finish_in_flight(self) -> None:
-        """This rank's end of an async save: rank 0 commits it if it was written."""
-        flight, self._in_flight = self._in_flight, None
-        step, outcome = flight.manifest.step, flight.write.done.result()
-        for args, kwargs in flight.notes:
-            self.emit(*args, **kwargs)
-        error = outcome.error
-        if outcome.status == "written":
-            maybe_inject_fault("kill_before_manifest", step)
-            if self.info.is_main:
-                error = self._commit(flight.name, flight.manifest, outcome.metadata)
-        self._last_async = (step, outcome.status != "failed" and error is None)
-        if outcome.status == "written" and error is None:
-            stall = flight.call_s + (flight.staging_wait_s or 0.0)
-            self._report_commit(flight.name, flight.manifest, flight.started,
-                                mode=self.async_saver.mode, stall_s=round(stall, 4))
-        elif not self._last_async[1]:
-            self.emit("checkpoint_failed", level=logging.ERROR, step=step,
-                      reason=flight.manifest.reason,
-                      message=f"background save of {self.storage.describe(flight.name)} "
-                              f"failed, not committed: "
-                              f"{self.storage.scrub(error_text(error, 'on a peer'))}")
 
     def close(self) -> None:
         """Release staging buffers; an async save still in flight is never committed."""
