@@ -16,9 +16,12 @@ DCP writes it as it is, without the copy it makes of views into a larger storage
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _ALIGN = 64  # bytes; every slot starts on a cache line (and any dtype's alignment)
 
@@ -131,9 +134,14 @@ class FlatSharedStager:
         for tensor in tensors:
             total = _aligned(total + tensor.numel() * tensor.element_size())
         buffer = torch.empty(max(total, 1), dtype=torch.uint8).share_memory_()
-        if self.pin:
-            torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
-            self._pinned_ptr = buffer.data_ptr()
+        if self.pin:  # 1 = cudaHostRegisterPortable, as DCP's stager pins
+            error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(),
+                                                            buffer.numel(), 1))
+            if error:  # the copy still works, only slower (pageable memory)
+                log.warning("pinning the %d-byte staging buffer failed (CUDA error %d); "
+                            "staging copies go to pageable memory", buffer.numel(), error)
+            else:
+                self._pinned_ptr = buffer.data_ptr()
         self._buffer, self._layout = buffer, layout
 
     def close(self) -> None:
