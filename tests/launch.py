@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -65,11 +66,15 @@ def descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
         parent = todo.pop()
-        try:
-            with open(f"/proc/{parent}/task/{parent}/children") as f:
-                children = [int(c) for c in f.read().split()]
-        except OSError:
-            children = []
+        children = []
+        # Every thread's children: DCP's helper process is started from a rank's
+        # checkpoint launcher thread, not from its main thread.
+        for task in glob.glob(f"/proc/{parent}/task/*/children"):
+            try:
+                with open(task) as f:
+                    children += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
         found += children
         todo += children
     return found
