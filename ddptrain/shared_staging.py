@@ -3,8 +3,8 @@
 DCP's own stager gives every tensor a shared-memory segment of its own. Handing such a
 state to DCP's helper process then passes one file descriptor per tensor through
 multiprocessing's resource sharer (a socket connection each, served by a thread of the
-training process): for ResNet-50 with momentum, 481 tensors took 0.15-0.3 s per save
-and several seconds the first time, on the CPUs training runs on.
+training process): for ResNet-50 with momentum, 481 tensors took 0.15-0.3 s per save,
+on the CPUs training runs on.
 
 :class:`FlatSharedStager` copies every tensor into a slot of one shared buffer, reused
 from save to save while the tensors keep their shapes and dtypes. What reaches the
