@@ -249,12 +249,12 @@ class AsyncSaver:
 
     def _stage_flat(self, state: dict[str, Any]) -> Optional[tuple[dict[str, Any], Any]]:
         """``process`` mode: stage into one shared buffer (None: not stageable so)."""
-        stager, owned = self._flat_stager, None
-        if stager is None or not self.cache_staging:
-            stager = FlatSharedStager(pin=self.cuda)
-            owned = None if self.cache_staging else stager
-            if self.cache_staging:
-                self._flat_stager = stager
+        if self.cache_staging:
+            if self._flat_stager is None:
+                self._flat_stager = FlatSharedStager(pin=self.cuda)
+            stager, owned = self._flat_stager, None
+        else:
+            stager = owned = FlatSharedStager(pin=self.cuda)
         if self._stream is None:
             copy = stager.stage(state)
         else:

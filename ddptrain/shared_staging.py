@@ -94,17 +94,16 @@ class FlatSharedStager:
         skeleton = self._skeleton(state, tensors)
         if skeleton is _DECLINE:
             return None
+        offsets, total = _slots(tensors)
         layout = tuple((t.dtype, tuple(t.shape)) for t in tensors)
         if layout != self._layout:
-            self._allocate(layout, tensors)
+            self._allocate(layout, total)
         slices = []
-        offset = 0
-        for tensor in tensors:
-            nbytes = tensor.numel() * tensor.element_size()
-            piece = SharedSlice(self._buffer, offset, nbytes, tensor.dtype, tensor.shape)
+        for tensor, offset in zip(tensors, offsets):
+            piece = SharedSlice(self._buffer, offset, tensor.nbytes, tensor.dtype,
+                                tensor.shape)
             piece.tensor().copy_(tensor.detach(), non_blocking=non_blocking)
             slices.append(piece)
-            offset = _aligned(offset + nbytes)
         return _fill(skeleton, iter(slices))
 
     def _skeleton(self, obj: Any, tensors: list) -> Any:
@@ -128,11 +127,8 @@ class FlatSharedStager:
         # through torch's own pickling); the state ddptrain saves has none.
         return copy.deepcopy(obj)
 
-    def _allocate(self, layout: tuple, tensors: list) -> None:
+    def _allocate(self, layout: tuple, total: int) -> None:
         self.close()
-        total = 0
-        for tensor in tensors:
-            total = _aligned(total + tensor.numel() * tensor.element_size())
         buffer = torch.empty(max(total, 1), dtype=torch.uint8).share_memory_()
         if self.pin:  # 1 = cudaHostRegisterPortable, as DCP's stager pins
             error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(),
@@ -168,6 +164,15 @@ def _fill(skeleton: Any, slices) -> Any:
     if type(skeleton) in (list, tuple):
         return type(skeleton)(_fill(value, slices) for value in skeleton)
     return skeleton
+
+
+def _slots(tensors: list) -> tuple[list[int], int]:
+    """Each tensor's byte offset in the buffer (aligned), and the buffer's size."""
+    offsets, end = [], 0
+    for tensor in tensors:
+        offsets.append(end)
+        end = _aligned(end + tensor.nbytes)
+    return offsets, end
 
 
 def _aligned(offset: int) -> int:
